@@ -1,0 +1,149 @@
+"""The typed configuration schema.
+
+Every YAML under ``configs/`` is merged onto these dataclasses, registered in Hydra's ConfigStore as
+``stagecraft_schema``, so a misspelt key or a value of the wrong type fails at composition time with
+OmegaConf's own message naming the key. Cross-field rules (``tp*pp*dp == world``, batch divisibility,
+enum-like strings) are checked by :func:`trainer.config.validate.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class RunConfig:
+    name: str = "sft-demo"
+    # Rerunning a command with the same run.dir resumes it (checkpoint.resume=auto).
+    dir: str = "runs/${run.name}"
+    seed: int = 1234
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face checkpoint directory; when null, a model is built from `arch` + `config`
+    # with random init (the embedded default). Nothing is ever downloaded.
+    path: Optional[str] = None
+    # Tokenizer directory; defaults to `path`. With neither, the embedded SentencePiece tokenizer.
+    tokenizer: Optional[str] = None
+    arch: str = "llama"
+    # Keyword arguments for transformers.AutoConfig.for_model(arch, ...) when building from config.
+    config: Dict[str, Any] = field(default_factory=dict)
+    # Vocabulary of the embedded SentencePiece tokenizer (ignored when a tokenizer path is given).
+    embedded_vocab_size: int = 512
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class SyntheticDataConfig:
+    families: List[str] = field(default_factory=lambda: ["reverse", "sort", "count", "code_expr"])
+    n_train: int = 2048
+    n_eval: int = 128
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # JSONL files (chat format, see docs/data.md). Empty: the project's synthetic generator writes
+    # them under <run.dir>/data/.
+    train: List[str] = field(default_factory=list)
+    eval: List[str] = field(default_factory=list)
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    max_length: int = 128
+    truncation: str = "right"  # right | left | drop
+    on_bad_record: str = "error"  # error | skip
+    # Shared cache for trained tokenizers (safe for concurrent processes).
+    cache_dir: str = "${oc.env:STAGECRAFT_CACHE,${oc.env:HOME,.}/.cache/stagecraft}"
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "deepspeed"  # deepspeed | megatron
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    # -1: whatever is left of the world size after tp*pp*cp.
+    dp: int = -1
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+    offload_optimizer: bool = False
+    activation_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "auto"  # auto | gloo | nccl
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class StageConfig:
+    type: str = "sft"
+    name: str = "sft"
+    epochs: int = 1
+    # > 0 caps the number of optimizer steps (the LR schedule is laid over the capped length).
+    max_steps: int = -1
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    # token: LongWriter long-ce, token NLL summed over the global batch / its target-token count.
+    # sample: mean over sequences of each sequence's token-mean NLL.
+    loss_reduction: str = "token"
+    neftune_alpha: float = 0.0
+    eval_every: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end of the stage
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | <path to a checkpoint directory>
+    export_hf: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    # > 1 makes the `stagecraft` command start torchrun itself with this many workers.
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    project: str = "stagecraft"
+    entity: Optional[str] = None
+    progress: bool = True
+    log_every: int = 1
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so `configs/config.yaml` can name it first in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="stagecraft_schema", node=Config)

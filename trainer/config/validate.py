@@ -1,0 +1,95 @@
+"""Start-up validation of rules a type system cannot express.
+
+Each error names the config key, so a user can fix the override that caused it.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message starts with the dotted key."""
+
+
+def _choice(cfg: DictConfig, key: str, allowed: tuple) -> None:
+    value = _get(cfg, key)
+    if value not in allowed:
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
+    value = _get(cfg, key)
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}: must be {bound}; got {value!r}")
+
+
+def _get(cfg: DictConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg: DictConfig, world_size: int | None = None) -> None:
+    """Check cross-field rules; ``world_size`` adds the parallel-layout checks once it is known."""
+    _choice(cfg, "parallel.strategy", ("deepspeed", "megatron"))
+    _choice(cfg, "parallel.zero_stage", (0, 1, 2, 3))
+    _choice(cfg, "parallel.precision", ("fp32", "bf16"))
+    _choice(cfg, "parallel.device", ("auto", "cpu", "cuda"))
+    _choice(cfg, "parallel.backend", ("auto", "gloo", "nccl"))
+    _choice(cfg, "stage.type", ("sft",))
+    _choice(cfg, "stage.loss_reduction", ("token", "sample"))
+    _choice(cfg, "stage.optim.schedule", ("cosine", "constant"))
+    _choice(cfg, "data.truncation", ("right", "left", "drop"))
+    _choice(cfg, "data.on_bad_record", ("error", "skip"))
+    _choice(cfg, "logging.wandb_mode", ("offline", "online", "disabled"))
+    for key in ("parallel.tp", "parallel.pp", "parallel.cp", "stage.epochs", "stage.global_batch_size",
+                "stage.micro_batch_size", "data.max_length", "cluster.nproc_per_node", "cluster.nnodes",
+                "logging.log_every"):
+        _positive(cfg, key)
+    for key in ("stage.optim.lr", "stage.optim.grad_clip", "stage.optim.warmup_steps", "stage.neftune_alpha",
+                "stage.eval_every", "checkpoint.every_steps", "checkpoint.keep_last"):
+        _positive(cfg, key, allow_zero=True)
+    if cfg.checkpoint.keep_last == 0:
+        raise ConfigError("checkpoint.keep_last: must be >= 1 (the latest checkpoint is always kept)")
+    if not 0.0 <= cfg.stage.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"stage.optim.min_lr_ratio: must be in [0, 1]; got {cfg.stage.optim.min_lr_ratio}")
+    if cfg.parallel.strategy == "deepspeed":
+        if cfg.parallel.pp != 1:
+            raise ConfigError("parallel.pp: the deepspeed strategy has no pipeline parallelism; "
+                              "use parallel.strategy=megatron for pp > 1")
+        if cfg.parallel.cp != 1:
+            raise ConfigError("parallel.cp: the deepspeed strategy has no context parallelism; "
+                              "use parallel.strategy=megatron for cp > 1")
+        if cfg.parallel.offload_optimizer and cfg.parallel.zero_stage == 0:
+            raise ConfigError("parallel.offload_optimizer: needs parallel.zero_stage >= 1")
+    if cfg.model.path is None and cfg.model.tokenizer is not None:
+        raise ConfigError("model.tokenizer: set model.path too; a model built from config uses the embedded "
+                          "tokenizer, whose vocabulary sets its embedding size")
+    if world_size is not None:
+        validate_layout(cfg, world_size)
+
+
+def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
+    """dp implied by the layout; raises ConfigError naming the keys when it does not tile the world."""
+    p = cfg.parallel
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        raise ConfigError(f"parallel.tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel} does not divide "
+                          f"the world size {world_size}")
+    dp = world_size // model_parallel
+    if p.dp not in (-1, dp):
+        raise ConfigError(f"parallel.dp: tp*pp*cp*dp = {model_parallel}*{p.dp} = {model_parallel * p.dp} "
+                          f"must equal the world size {world_size} (or set parallel.dp=-1)")
+    return dp
+
+
+def validate_layout(cfg: DictConfig, world_size: int) -> None:
+    dp = data_parallel_size(cfg, world_size)
+    s = cfg.stage
+    per_step = s.micro_batch_size * dp
+    if s.global_batch_size % per_step:
+        raise ConfigError(f"stage.global_batch_size: {s.global_batch_size} must be a multiple of "
+                          f"stage.micro_batch_size * dp = {s.micro_batch_size} * {dp} = {per_step}")

@@ -1,0 +1,40 @@
+"""Hugging Face CausalLM models: from a local checkpoint directory, or built from a config.
+
+No parallelism here: strategies wrap what these functions return.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+
+def build_model(model_cfg: DictConfig, vocab_size: int, seed: int) -> PreTrainedModel:
+    """The stage's starting model in float32 on CPU (strategies cast and move it).
+
+    ``model.path`` set: load that local directory (``local_files_only``: never a hub download).
+    Otherwise build ``model.arch`` from ``model.config`` with ``vocab_size`` from the tokenizer and a
+    seeded random init, so every rank builds identical weights.
+    """
+    attn = model_cfg.attn_implementation
+    if model_cfg.path is not None:
+        path = Path(model_cfg.path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path: {path} is not a Hugging Face model directory (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                     attn_implementation=attn)
+    else:
+        overrides = OmegaConf.to_container(model_cfg.config, resolve=True)
+        config = AutoConfig.for_model(model_cfg.arch, vocab_size=vocab_size, **overrides)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    model.config.use_cache = False
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

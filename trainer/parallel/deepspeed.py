@@ -1,0 +1,142 @@
+"""Strategy ``deepspeed``: a Hugging Face CausalLM wrapped by a DeepSpeed engine.
+
+ZeRO 0-3, fp32/bf16, optional CPU optimizer offload, activation checkpointing, gradient accumulation
+and clipping, and tensor parallelism through DeepSpeed AutoTP. Parallelism is applied here, from
+outside the model; the data-parallel group comes from the Topology through the mpu adapter.
+
+Gradient scale: DeepSpeed divides each micro-batch loss by the accumulation steps and averages
+gradients over the data-parallel group. Stage losses are already normalised by GLOBAL quantities
+(tokens or sequences of the whole global batch), so :meth:`backward` multiplies by ``dp * accum`` to
+undo both and make the applied gradient the gradient of the global-batch loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from omegaconf import DictConfig
+from torch.optim.lr_scheduler import LambdaLR
+
+from trainer.parallel.schedule import lr_multiplier
+from trainer.parallel.topology import Topology
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; norms, biases and other 1-D parameters are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_ds_config(parallel: DictConfig, optim: DictConfig, micro_batch_size: int, grad_accum: int,
+                    dp: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if parallel.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    optimizer_params: dict[str, Any] = {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                                        "weight_decay": optim.weight_decay}
+    if not parallel.offload_optimizer:
+        # torch.optim.AdamW: identical maths, and no JIT build of FusedAdam (absent on CPU).
+        optimizer_params["torch_adam"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * dp,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "bf16": {"enabled": parallel.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if parallel.tp > 1:
+        config["tensor_parallel"] = {"autotp_size": parallel.tp}
+    return config
+
+
+class DeepSpeedStrategy:
+    """Owns the DeepSpeed engine of one model for one stage."""
+
+    def __init__(self, parallel: DictConfig, topology: Topology):
+        self.parallel = parallel
+        self.topology = topology
+        self.engine = None
+        self.grad_accum = 1
+
+    def setup(self, model: torch.nn.Module, optim: DictConfig, micro_batch_size: int, grad_accum: int,
+              total_steps: int) -> None:
+        if self.parallel.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.parallel.precision == "bf16":
+            model.to(torch.bfloat16)
+        model.to(self.topology.device)
+        self.grad_accum = grad_accum
+        config = build_ds_config(self.parallel, optim, micro_batch_size, grad_accum, self.topology.dp)
+        schedule = functools.partial(lr_multiplier, total_steps=total_steps, warmup_steps=optim.warmup_steps,
+                                     schedule=optim.schedule, min_lr_ratio=optim.min_lr_ratio)
+        # With AutoTP DeepSpeed builds its own TP/DP groups (consecutive ranks per TP group, the same
+        # layout as the Topology's); otherwise it takes ours.
+        mpu = self.topology.mpu() if self.parallel.tp == 1 else None
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=_param_groups(model, optim.weight_decay), config=config,
+            lr_scheduler=lambda opt: LambdaLR(opt, schedule), mpu=mpu, dist_init_required=False)
+        if self.parallel.tp > 1:
+            from deepspeed.utils import groups
+            if groups.get_data_parallel_rank() != self.topology.dp_rank:
+                raise RuntimeError("DeepSpeed AutoTP laid out its data-parallel groups differently from the "
+                                   "Topology; data shards would not match tensor-parallel groups")
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The (wrapped-in-place) Hugging Face model."""
+        return self.engine.module
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss * (self.topology.dp * self.grad_accum))
+
+    def step(self) -> dict[str, float] | None:
+        """Advance the engine; at an accumulation boundary returns the step's grad norm and LR."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        lr = self.engine.get_lr()[0]
+        self.engine.step()
+        if not boundary:
+            return None
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr}
+
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, ckpt_dir: Path, tag: str) -> dict:
+        path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        return client_state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The unsharded model weights on rank 0 (None elsewhere). A collective: call on every rank."""
+        if self.parallel.zero_stage == 3 or self.parallel.tp > 1:
+            # DeepSpeed gathers ZeRO-3 partitions and AutoTP shards layer by layer to rank 0; this is
+            # the in-memory half of its save_16bit_model.
+            return self.engine._consolidated_16bit_state_dict()
+        if not self.topology.is_main:
+            return None
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}

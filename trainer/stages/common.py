@@ -1,0 +1,88 @@
+"""Pieces every stage loop shares: tokenizer, data files, tokenised datasets, global counts, markers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.checkpoint import write_text_atomic
+from trainer.data.chat import tokenize_chat
+from trainer.data.records import read_jsonl, validate_chat_record
+from trainer.data.synthetic import generate_chat_records, write_jsonl
+from trainer.data.tokenizer import build_embedded_tokenizer, load_tokenizer
+from trainer.parallel.topology import Topology
+
+log = logging.getLogger(__name__)
+STAGE_MARKER = "COMPLETE.json"
+
+
+def stage_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.run.dir) / "stages" / cfg.stage.name
+
+
+def build_tokenizer(cfg: DictConfig):
+    """The model's own tokenizer when it has one, else the embedded SentencePiece tokenizer."""
+    source = cfg.model.tokenizer or cfg.model.path
+    if source is not None:
+        return load_tokenizer(source)
+    return build_embedded_tokenizer(cfg.model.embedded_vocab_size, Path(cfg.data.cache_dir) / "tokenizers")
+
+
+def data_files(cfg: DictConfig, topology: Topology) -> tuple[list[Path], list[Path]]:
+    """The train / eval JSONL files; with none configured, rank 0 writes the synthetic ones."""
+    if cfg.data.train:
+        return [Path(p) for p in cfg.data.train], [Path(p) for p in cfg.data.eval]
+    syn = cfg.data.synthetic
+    out = Path(cfg.run.dir) / "data"
+    train, eval_ = out / "sft_train.jsonl", out / "sft_eval.jsonl"
+    if topology.is_main and not (train.is_file() and eval_.is_file()):
+        out.mkdir(parents=True, exist_ok=True)
+        families = list(syn.families)
+        write_jsonl(train, generate_chat_records(syn.n_train, syn.seed, families))
+        # A different seed stream, so held-out prompts are new draws, not the training ones.
+        write_jsonl(eval_, generate_chat_records(syn.n_eval, syn.seed + 1_000_003, families))
+    topology.barrier()
+    return [train], [eval_]
+
+
+def tokenized_chat_dataset(paths: list[Path], tokenizer, data_cfg: DictConfig) -> tuple[list[dict], dict]:
+    """Every record of ``paths`` tokenised with its assistant mask, and counts of what was dropped."""
+    examples: list[dict] = []
+    stats = {"records": 0, "skipped_bad": 0, "dropped_length": 0}
+    for path in paths:
+        records, skipped = read_jsonl(path, validate_chat_record, data_cfg.on_bad_record)
+        stats["skipped_bad"] += skipped
+        for record in records:
+            stats["records"] += 1
+            example = tokenize_chat(tokenizer, record["messages"], data_cfg.max_length + 1, data_cfg.truncation)
+            if example is None:
+                stats["dropped_length"] += 1
+            else:
+                examples.append(example)
+    return examples, stats
+
+
+def all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
+    """Sum over ``group`` in float64 (exact for token counts, steady for loss sums)."""
+    value = value.detach().to(torch.float64).clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value
+
+
+def read_stage_result(directory: Path) -> dict | None:
+    marker = directory / STAGE_MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def write_stage_result(directory: Path, result: dict) -> None:
+    write_text_atomic(directory / STAGE_MARKER, json.dumps(result, indent=2))
+
+
+def save_config(cfg: DictConfig, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(directory / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,0 +1,166 @@
+"""Supervised fine-tuning: one readable loop (setup, train, export).
+
+Loss on assistant tokens only. ``stage.loss_reduction=token`` is LongWriter's long-ce: the token NLL
+of every micro-batch on every data-parallel rank is divided by the target-token count of the whole
+global batch, counted up front with one all-reduce, so the update does not depend on how the global
+batch was split across ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from trainer.checkpoint import CheckpointManager, export_hf
+from trainer.checkpoint.manager import MARKER
+from trainer.data.chat import collate
+from trainer.data.sampler import GlobalBatchPlan
+from trainer.logging import MetricsLogger
+from trainer.losses import sft_loss
+from trainer.models import NEFTune, build_model, count_parameters
+from trainer.parallel.deepspeed import DeepSpeedStrategy
+from trainer.parallel.topology import Topology
+from trainer.stages import common
+
+log = logging.getLogger(__name__)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def micro_batch_loss(logits: torch.Tensor, batch: dict, reduction: str, global_tokens: torch.Tensor,
+                     global_batch_size: int) -> torch.Tensor:
+    """This micro-batch's share of the global-batch loss (the shares sum to the global loss)."""
+    if reduction == "token":
+        return sft_loss(logits, batch["labels"], batch["loss_mask"], "token", num_tokens=global_tokens)
+    rows = batch["labels"].shape[0]
+    return sft_loss(logits, batch["labels"], batch["loss_mask"], "sample") * (rows / global_batch_size)
+
+
+@torch.no_grad()
+def evaluate(strategy, examples: list[dict], pad_id: int, micro_batch_size: int, topology: Topology) -> dict:
+    """Token-mean NLL over the eval set, sharded across data-parallel ranks and summed exactly."""
+    strategy.eval()
+    mine = examples[topology.dp_rank::topology.dp]
+    nll = torch.zeros((), dtype=torch.float64)
+    tokens = torch.zeros((), dtype=torch.float64)
+    for i in range(0, len(mine), micro_batch_size):
+        batch = _to(collate(mine[i:i + micro_batch_size], pad_id), topology.device)
+        logits = strategy.forward(batch["input_ids"], batch["attention_mask"])
+        mask_tokens = batch["loss_mask"].sum()
+        nll += (sft_loss(logits, batch["labels"], batch["loss_mask"], "token") * mask_tokens).double().cpu()
+        tokens += mask_tokens.double().cpu()
+    strategy.train()
+    nll = common.all_reduce_sum(nll, topology.dp_group)
+    tokens = common.all_reduce_sum(tokens, topology.dp_group)
+    return {"eval_loss": (nll / tokens.clamp(min=1)).item(), "eval_tokens": int(tokens.item())}
+
+
+def run(cfg: DictConfig, topology: Topology) -> dict:
+    stage = cfg.stage
+    out = common.stage_dir(cfg)
+    finished = common.read_stage_result(out)
+    if finished is not None and cfg.checkpoint.resume == "auto":
+        log.info("stage %s already complete in %s; skipping", stage.name, out)
+        return finished
+
+    # ---- setup -----------------------------------------------------------------------------------
+    if topology.is_main:
+        common.save_config(cfg, out)
+    tokenizer = common.build_tokenizer(cfg)
+    train_files, eval_files = common.data_files(cfg, topology)
+    train, train_stats = common.tokenized_chat_dataset(train_files, tokenizer, cfg.data)
+    evals, _ = common.tokenized_chat_dataset(eval_files, tokenizer, cfg.data)
+    log.info("train data: %s", train_stats)
+    plan = GlobalBatchPlan(len(train), stage.global_batch_size, stage.micro_batch_size, topology.dp, cfg.run.seed)
+    total_steps = stage.epochs * plan.steps_per_epoch
+    if stage.max_steps > 0:
+        total_steps = min(total_steps, stage.max_steps)
+
+    model = build_model(cfg.model, len(tokenizer), cfg.run.seed)
+    log.info("model: %s, %.2fM parameters", type(model).__name__, count_parameters(model) / 1e6)
+    neftune = NEFTune(model, stage.neftune_alpha) if stage.neftune_alpha > 0 else None
+    strategy = DeepSpeedStrategy(cfg.parallel, topology)
+    strategy.setup(model, stage.optim, stage.micro_batch_size, plan.grad_accum, total_steps)
+    checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, topology)
+    start_step = _resume(cfg, checkpoints, strategy)
+    logger = MetricsLogger(out, cfg, stage.name, total_steps, start_step, enabled=topology.is_main)
+    pad_id = tokenizer.pad_token_id
+
+    # ---- train -----------------------------------------------------------------------------------
+    strategy.train()
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        batches = [_to(collate([train[i] for i in ids], pad_id), topology.device)
+                   for ids in plan.micro_batches(step, topology.dp_rank)]
+        local_targets = sum(b["loss_mask"].sum() for b in batches)
+        local_inputs = sum(b["attention_mask"].sum() for b in batches)
+        global_targets = common.all_reduce_sum(local_targets, topology.dp_group).to(torch.float32)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for k, batch in enumerate(batches):
+            if neftune is not None:
+                neftune.reseed(cfg.run.seed, step, k, topology.dp_rank)
+            logits = strategy.forward(batch["input_ids"], batch["attention_mask"])
+            loss = micro_batch_loss(logits, batch, stage.loss_reduction, global_targets.to(logits.device),
+                                    stage.global_batch_size)
+            strategy.backward(loss)
+            info = strategy.step()
+            loss_sum += loss.detach().double().cpu()
+        inputs = common.all_reduce_sum(local_inputs, topology.dp_group).item()
+        elapsed = time.perf_counter() - t0
+        metrics = {"loss": common.all_reduce_sum(loss_sum, topology.dp_group).item(), **info,
+                   "target_tokens": int(global_targets.item()), "tokens_per_s": inputs / elapsed,
+                   "epoch": step // plan.steps_per_epoch}
+        done = step + 1
+        if stage.eval_every and done % stage.eval_every == 0 and done < total_steps:
+            metrics.update(evaluate(strategy, evals, pad_id, stage.micro_batch_size, topology))
+        logger.log(done, metrics)
+        every = cfg.checkpoint.every_steps
+        if every and done % every == 0 and done < total_steps:
+            checkpoints.save(strategy, done, {"step": done})
+
+    # ---- finish ----------------------------------------------------------------------------------
+    if checkpoints.latest() is None or checkpoints.latest().name != checkpoints.tag(total_steps):
+        checkpoints.save(strategy, total_steps, {"step": total_steps})
+    result = {"stage": stage.name, "type": "sft", "steps": total_steps, "train_data": train_stats}
+    if evals:
+        result.update(evaluate(strategy, evals, pad_id, stage.micro_batch_size, topology))
+        logger.log(total_steps, {k: v for k, v in result.items() if k.startswith("eval_")})
+    if cfg.checkpoint.export_hf:
+        export_hf(strategy, tokenizer, out / "hf", topology)
+        result["hf"] = str(out / "hf")
+    logger.close()
+    if neftune is not None:
+        neftune.remove()
+    if topology.is_main:
+        common.write_stage_result(out, result)
+    topology.barrier()
+    return result
+
+
+def _resume(cfg: DictConfig, checkpoints: CheckpointManager, strategy) -> int:
+    """The step to start from: 0, or the step of the checkpoint ``checkpoint.resume`` selects."""
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        if checkpoints.latest() is not None:
+            raise RuntimeError(f"checkpoint.resume=never but {checkpoints.dir} already holds checkpoints; "
+                               "use checkpoint.resume=auto to continue, or a new run.dir")
+        return 0
+    path = checkpoints.latest() if resume == "auto" else _explicit(resume)
+    if path is None:
+        return 0
+    client_state = checkpoints.load(strategy, path)
+    log.info("resumed from %s at step %d", path, client_state["step"])
+    return int(client_state["step"])
+
+
+def _explicit(resume: str) -> Path:
+    path = Path(resume)
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)")
+    return path
