@@ -5,7 +5,10 @@ Each error names the config key, so a user can fix the override that caused it.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
+
+from trainer.config.schema import Config
 
 
 class ConfigError(ValueError):
@@ -34,6 +37,11 @@ def _get(cfg: DictConfig, key: str):
 
 def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     """Check cross-field rules; ``world_size`` adds the parallel-layout checks once it is known."""
+    try:
+        # Hydra's `+key=value` opens the struct flag; re-merging onto the schema catches such extras.
+        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=False))
+    except ConfigKeyError as err:
+        raise ConfigError(f"{err.full_key}: not a config key of stagecraft (see trainer/config/schema.py)") from None
     _choice(cfg, "parallel.strategy", ("deepspeed", "megatron"))
     _choice(cfg, "parallel.zero_stage", (0, 1, 2, 3))
     _choice(cfg, "parallel.precision", ("fp32", "bf16"))

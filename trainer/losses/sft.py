@@ -14,10 +14,12 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(labels[b, t] | context) for every position, shape [B, T].
 
     ``labels`` are already aligned to ``logits`` (logits[:, t] predicts labels[:, t]). Computed as
-    ``-cross_entropy`` in float32, which avoids materialising a full [B, T, V] log-softmax copy.
+    ``-cross_entropy`` in at least float32 (bf16 logits are upcast), which avoids keeping a second
+    [B, T, V] log-softmax tensor.
     """
     b, t, v = logits.shape
-    nll = F.cross_entropy(logits.float().reshape(b * t, v), labels.reshape(b * t), reduction="none")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    nll = F.cross_entropy(logits.reshape(b * t, v), labels.reshape(b * t), reduction="none")
     return -nll.view(b, t)
 
 
@@ -28,7 +30,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     Sum over masked tokens by default; ``average=True`` divides by each sequence's masked-token count
     (a sequence with no masked token gives 0 rather than NaN).
     """
-    mask = loss_mask.to(torch.float32)
+    mask = loss_mask.to(torch.promote_types(logits.dtype, torch.float32))
     summed = (token_logps(logits, labels) * mask).sum(-1)
     if not average:
         return summed
@@ -47,7 +49,7 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
     ``sample``: ``mean_b( sum_t m_bt * nll_bt / sum_t m_bt )``, every sequence weighted equally whatever
     its length (the usual per-sequence mean, which LongWriter shows under-weights long outputs).
     """
-    mask = loss_mask.to(torch.float32)
+    mask = loss_mask.to(torch.promote_types(logits.dtype, torch.float32))
     nll = -token_logps(logits, labels) * mask
     if reduction == "token":
         denom = mask.sum() if num_tokens is None else num_tokens

@@ -18,6 +18,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.utils import is_model_parallel_parameter
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -115,11 +116,29 @@ class DeepSpeedStrategy:
         """Advance the engine; at an accumulation boundary returns the step's grad norm and LR."""
         boundary = self.engine.is_gradient_accumulation_boundary()
         lr = self.engine.get_lr()[0]
+        grad_norm = None
+        if boundary and self.parallel.zero_stage == 0 and self.parallel.precision == "fp32":
+            # DeepSpeed clips plain fp32 gradients without keeping the norm; measure it before step()
+            # frees the gradients (TP-aware through the engine's mpu).
+            grad_norm = self._grad_norm()
         self.engine.step()
         if not boundary:
             return None
-        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr}
+
+    def _grad_norm(self) -> float:
+        """L2 norm of the (already data-parallel-reduced) gradients; TP-sharded ones summed over the
+        tensor-parallel group, replicated ones counted once."""
+        tp_rank = self.topology.tp_rank if self.parallel.tp > 1 else 0
+        total = torch.zeros((), dtype=torch.float64, device=self.topology.device)
+        for param in self.module.parameters():
+            if param.grad is not None and (tp_rank == 0 or is_model_parallel_parameter(param)):
+                total += param.grad.detach().double().pow(2).sum()
+        if self.parallel.tp > 1:
+            torch.distributed.all_reduce(total, group=self.topology.tp_group)
+        return total.sqrt().item()
 
     def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)

@@ -52,7 +52,8 @@ class Topology:
                 dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
             else:
                 # Not under torchrun: a 1-process group, so DeepSpeed and the collectives in the
-                # stage code run unchanged.
+                # stage code run unchanged (DeepSpeed also insists on a LOCAL_RANK).
+                os.environ.setdefault("LOCAL_RANK", "0")
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         world_size = dist.get_world_size()
         # Raises ConfigError naming parallel.* when the layout does not tile the world.

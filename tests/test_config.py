@@ -1,0 +1,87 @@
+"""Every YAML under configs/ composes onto the schema and validates; bad values name their key."""
+
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from hydra.errors import ConfigCompositionException
+
+from trainer.cli import CONFIG_DIR, torchrun_command
+from trainer.config import ConfigError, register_configs, validate
+
+# Options whose file leaves a required (???) key for the user to fill in.
+REQUIRED = {"model/hf": ["model.path=/models/any"], "data/jsonl": ["data.train=[/data/train.jsonl]"]}
+
+
+def _compose(overrides=()):
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def _options():
+    root = Path(CONFIG_DIR)
+    for group in sorted(p for p in root.iterdir() if p.is_dir()):
+        for yaml in sorted(group.glob("*.yaml")):
+            yield f"{group.name}/{yaml.stem}"
+
+
+@pytest.mark.parametrize("option", list(_options()))
+def test_every_config_option_composes_and_validates(option):
+    group, name = option.split("/")
+    cfg = _compose([f"{group}={name}", *REQUIRED.get(option, [])])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    validate(cfg)
+
+
+def test_there_is_an_option_for_every_group():
+    groups = {o.split("/")[0] for o in _options()}
+    assert {"model", "data", "parallel", "stage", "cluster", "logging"} <= groups
+
+
+def test_default_is_the_embedded_tiny_model_on_synthetic_data():
+    cfg = _compose()
+    assert cfg.model.path is None and cfg.data.train == [] and cfg.logging.wandb_mode == "offline"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["parallel.zero_stage=5"], "parallel.zero_stage"),
+    (["parallel.precision=fp8"], "parallel.precision"),
+    (["stage.loss_reduction=mean"], "stage.loss_reduction"),
+    (["data.truncation=middle"], "data.truncation"),
+    (["parallel.pp=2"], "parallel.pp"),
+    (["parallel.offload_optimizer=true"], "parallel.offload_optimizer"),
+    (["stage.micro_batch_size=0"], "stage.micro_batch_size"),
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+])
+def test_invalid_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match="^" + re.escape(key) + ":"):
+        validate(_compose(overrides))
+
+
+def test_layout_must_tile_the_world():
+    cfg = _compose(["parallel.tp=2", "parallel.dp=3"])
+    with pytest.raises(ConfigError, match=r"parallel\.dp: .* must equal the world size 4"):
+        validate(cfg, world_size=4)
+    with pytest.raises(ConfigError, match=r"does not divide the world size 3"):
+        validate(_compose(["parallel.tp=2"]), world_size=3)
+    with pytest.raises(ConfigError, match=r"stage\.global_batch_size: 10 must be a multiple"):
+        validate(_compose(["stage.global_batch_size=10", "stage.micro_batch_size=4"]), world_size=2)
+    validate(_compose(["parallel.tp=2", "stage.micro_batch_size=2"]), world_size=4)
+
+
+def test_schema_rejects_unknown_keys_and_wrong_types():
+    with pytest.raises(ConfigCompositionException, match="stage.learning_rate"):
+        _compose(["stage.learning_rate=1"])
+    with pytest.raises(ConfigError, match=r"^stage\.learning_rate: not a config key"):
+        validate(_compose(["+stage.learning_rate=1"]))
+    with pytest.raises(ConfigCompositionException, match="stage.epochs=many"):
+        _compose(["stage.epochs=many"])
+
+
+def test_launcher_reexecutes_with_the_same_overrides():
+    cfg = _compose(["cluster=local2", "parallel=zero2"])
+    cmd = torchrun_command(cfg, ["cluster=local2", "parallel=zero2"])
+    assert "--nproc_per_node=2" in cmd and cmd[-3:] == ["cluster=local2", "parallel=zero2", "hydra.output_subdir=null"]
