@@ -35,8 +35,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_ds_config(parallel: DictConfig, optim: DictConfig, micro_batch_size: int, grad_accum: int,
-                    dp: int) -> dict[str, Any]:
+def build_ds_config(parallel: DictConfig, optim: DictConfig, micro_batch_size: int,
+                    grad_accum: int) -> dict[str, Any]:
+    """The DeepSpeed config. ``train_batch_size`` is left for DeepSpeed to derive: with AutoTP it
+    counts every rank (TP included) in its batch arithmetic, without it only data-parallel ranks."""
     zero: dict[str, Any] = {"stage": parallel.zero_stage}
     if parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -50,7 +52,6 @@ def build_ds_config(parallel: DictConfig, optim: DictConfig, micro_batch_size: i
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": micro_batch_size * grad_accum * dp,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": optimizer_params},
@@ -80,7 +81,7 @@ class DeepSpeedStrategy:
             model.to(torch.bfloat16)
         model.to(self.topology.device)
         self.grad_accum = grad_accum
-        config = build_ds_config(self.parallel, optim, micro_batch_size, grad_accum, self.topology.dp)
+        config = build_ds_config(self.parallel, optim, micro_batch_size, grad_accum)
         schedule = functools.partial(lr_multiplier, total_steps=total_steps, warmup_steps=optim.warmup_steps,
                                      schedule=optim.schedule, min_lr_ratio=optim.min_lr_ratio)
         # With AutoTP DeepSpeed builds its own TP/DP groups (consecutive ranks per TP group, the same

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -86,3 +88,12 @@ def write_stage_result(directory: Path, result: dict) -> None:
 def save_config(cfg: DictConfig, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomic(directory / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def maybe_inject_fault(step: int) -> None:
+    """Fault injection for resume tests: ``STAGECRAFT_FAULT_AFTER_STEP=N`` kills the process after
+    step N without any cleanup, as a preemption or crash would."""
+    if os.environ.get("STAGECRAFT_FAULT_AFTER_STEP") == str(step):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(17)

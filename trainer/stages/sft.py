@@ -123,6 +123,7 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
         every = cfg.checkpoint.every_steps
         if every and done % every == 0 and done < total_steps:
             checkpoints.save(strategy, done, {"step": done})
+        common.maybe_inject_fault(done)
 
     # ---- finish ----------------------------------------------------------------------------------
     if checkpoints.latest() is None or checkpoints.latest().name != checkpoints.tag(total_steps):

@@ -1,0 +1,56 @@
+"""Shared helpers: run the real `stagecraft` command on a tiny model, in 1 or N processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# A model and data small enough for a 2-core machine; every stage test composes these.
+TINY = [
+    "model.config.hidden_size=64", "model.config.intermediate_size=128", "model.config.num_hidden_layers=2",
+    "model.config.num_attention_heads=4", "model.config.num_key_value_heads=2", "model.embedded_vocab_size=400",
+    "data.synthetic.n_train=64", "data.synthetic.n_eval=16", "data.max_length=64",
+    "stage.global_batch_size=8", "stage.optim.lr=3e-3", "stage.optim.warmup_steps=2",
+    "logging.progress=false", "logging.wandb_mode=disabled",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_stagecraft(run_dir: Path, overrides: list[str], cache: Path, nproc: int = 1, env: dict | None = None,
+                   check: bool = True) -> subprocess.CompletedProcess:
+    """`stagecraft run.dir=... <overrides>` as a user types it; nproc > 1 goes through its torchrun launch."""
+    cmd = [sys.executable, "-m", "trainer.cli", f"run.dir={run_dir}", *TINY, *overrides]
+    if nproc > 1:
+        cmd += [f"cluster.nproc_per_node={nproc}", f"cluster.master_port={free_port()}"]
+    full_env = {**os.environ, "STAGECRAFT_CACHE": str(cache), "OMP_NUM_THREADS": "1", **(env or {})}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(var, None)
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stagecraft failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train_records(run_dir: Path, stage: str = "sft") -> list[dict]:
+    path = Path(run_dir) / "stages" / stage / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def losses(run_dir: Path, stage: str = "sft") -> list[float]:
+    return [r["loss"] for r in train_records(run_dir, stage)]
