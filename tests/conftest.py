@@ -21,6 +21,10 @@ TINY = [
 ]
 
 
+# Six steps with a checkpoint at step 3: long enough to see learning, resume and trajectories.
+STEPS = ["stage.max_steps=6", "checkpoint.every_steps=3"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,7 +39,9 @@ def cache_dir(tmp_path_factory) -> Path:
 def run_stagecraft(run_dir: Path, overrides: list[str], cache: Path, nproc: int = 1, env: dict | None = None,
                    check: bool = True) -> subprocess.CompletedProcess:
     """`stagecraft run.dir=... <overrides>` as a user types it; nproc > 1 goes through its torchrun launch."""
-    cmd = [sys.executable, "-m", "trainer.cli", f"run.dir={run_dir}", *TINY, *overrides]
+    # A model loaded from model.path has no model.config to shrink.
+    tiny = [o for o in TINY if not ("model=hf" in overrides and o.startswith("model.config."))]
+    cmd = [sys.executable, "-m", "trainer.cli", f"run.dir={run_dir}", *tiny, *overrides]
     if nproc > 1:
         cmd += [f"cluster.nproc_per_node={nproc}", f"cluster.master_port={free_port()}"]
     full_env = {**os.environ, "STAGECRAFT_CACHE": str(cache), "OMP_NUM_THREADS": "1", **(env or {})}
@@ -54,3 +60,11 @@ def train_records(run_dir: Path, stage: str = "sft") -> list[dict]:
 
 def losses(run_dir: Path, stage: str = "sft") -> list[float]:
     return [r["loss"] for r in train_records(run_dir, stage)]
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, cache_dir) -> Path:
+    """The 1-process run every layout is compared with: the whole global batch of 8 in one micro-batch."""
+    run = tmp_path_factory.mktemp("ref")
+    run_stagecraft(run, [*STEPS, "stage.micro_batch_size=8"], cache_dir)
+    return run

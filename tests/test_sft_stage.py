@@ -13,22 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import losses, run_stagecraft, train_records
+from tests.conftest import STEPS, losses, run_stagecraft, train_records
 from trainer.data.chat import collate, tokenize_chat
 from trainer.data.records import read_jsonl, validate_chat_record
 from trainer.losses import sft_loss
 
 pytestmark = pytest.mark.distributed
-STEPS = ["stage.max_steps=6", "checkpoint.every_steps=3"]
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
-    """1 process, the whole global batch of 8 in one micro-batch."""
-    run = tmp_path_factory.mktemp("ref")
-    run_stagecraft(run, [*STEPS, "stage.micro_batch_size=8"], cache_dir)
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +67,7 @@ def test_autotp_matches_tp1(reference, tmp_path, cache_dir):
     ref, got = train_records(reference), train_records(tmp_path)
     _close([r["loss"] for r in ref], [r["loss"] for r in got])
     _close([r["grad_norm"] for r in ref], [r["grad_norm"] for r in got], tol=1e-4)
-    _assert_export_reproduces_eval_loss(tmp_path)
+    assert_export_reproduces_eval_loss(tmp_path)
 
 
 def test_resume_after_kill_reproduces_the_uninterrupted_run(zero2, tmp_path, cache_dir):
@@ -100,7 +91,7 @@ def test_completed_stage_is_not_retrained(reference, cache_dir):
     assert (reference / "stages/sft/metrics.jsonl").read_text() == before
 
 
-def _assert_export_reproduces_eval_loss(run):
+def assert_export_reproduces_eval_loss(run):
     """Load hf/ with plain transformers and recompute the eval loss the trainer logged at the end."""
     hf = run / "stages/sft/hf"
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
@@ -118,14 +109,14 @@ def _assert_export_reproduces_eval_loss(run):
 
 def test_hf_export_gives_the_trained_models_logits(zero2, reference):
     for run in (reference, zero2):
-        model, tokenizer = _assert_export_reproduces_eval_loss(run)
+        model, tokenizer = assert_export_reproduces_eval_loss(run)
         assert tokenizer.chat_template and tokenizer.eos_token == "<|end|>"
     # Independent of the export path: consolidate the ZeRO-2 shards of the final checkpoint with
     # DeepSpeed's own tool and compare logits with the exported model.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(zero2 / "stages/sft/checkpoints"), tag="step_000006")
-    model, tokenizer = _assert_export_reproduces_eval_loss(zero2)
+    model, tokenizer = assert_export_reproduces_eval_loss(zero2)
     rebuilt = AutoModelForCausalLM.from_pretrained(zero2 / "stages/sft/hf", dtype=torch.float32).eval()
     rebuilt.load_state_dict(state, strict=False)
     ids = tokenizer("Reverse: stage", return_tensors="pt").input_ids

@@ -37,7 +37,8 @@ class GlobalBatchPlan:
 
     def global_batch(self, step: int) -> list[int]:
         epoch, index = divmod(step, self.steps_per_epoch)
-        generator = torch.Generator().manual_seed(self.seed + epoch)
+        # Mixed, not added: seed s epoch 1 must not replay seed s+1 epoch 0.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(self.num_examples, generator=generator)
         return order[index * self.global_batch_size:(index + 1) * self.global_batch_size].tolist()
 

@@ -17,7 +17,7 @@ class NEFTune:
         self._handle = model.get_input_embeddings().register_forward_hook(self._hook)
 
     def reseed(self, *keys: int) -> None:
-        seed = 0
+        seed = 1  # nonzero start: (0, 5) and (5,) must not collide
         for key in keys:  # a fixed mixing of the keys; Python's hash() is salted per process
             seed = (seed * 1_000_003 + int(key)) % (2**63 - 1)
         self.generator.manual_seed(seed)
