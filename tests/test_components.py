@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from trainer.checkpoint.manager import MARKER, CheckpointManager
 from trainer.data.sampler import GlobalBatchPlan
 from trainer.logging.metrics import MetricsLogger, read_metrics, truncate_metrics
-from trainer.losses import sft_loss
+from trainer.losses import sft_loss, token_logps
 from trainer.models.neftune import NEFTune
 from trainer.parallel.schedule import lr_multiplier
 from trainer.stages.sft import micro_batch_loss
@@ -404,7 +404,8 @@ def _split(head, x, labels, mask, reduction, dp, mbs):
         for start in range(rank * per_rank, (rank + 1) * per_rank, mbs):
             rows = slice(start, start + mbs)
             batch = {"labels": labels[rows], "loss_mask": mask[rows]}
-            loss = micro_batch_loss(head(x[rows]), batch, reduction, global_tokens, len(LENGTHS))
+            logps = token_logps(head(x[rows]), labels[rows])
+            loss = micro_batch_loss(logps, batch, reduction, global_tokens, len(LENGTHS))
             loss.backward()
             total_loss += loss.detach()
         grads = _grads(head)
@@ -432,7 +433,8 @@ def test_sample_reduction_weights_rows_equally():
                    for i, n in enumerate(LENGTHS)]
         want = sum(per_row) / len(LENGTHS)
         assert sft_loss(logits, labels, mask, "sample").item() == pytest.approx(want.item(), abs=1e-12)
-        shares = sum(micro_batch_loss(logits[i:i + 2], {"labels": labels[i:i + 2], "loss_mask": mask[i:i + 2]},
+        shares = sum(micro_batch_loss(token_logps(logits[i:i + 2], labels[i:i + 2]),
+                                      {"labels": labels[i:i + 2], "loss_mask": mask[i:i + 2]},
                                       "sample", mask.sum(), len(LENGTHS)) for i in range(0, 8, 2))
         assert shares.item() == pytest.approx(want.item(), abs=1e-12)
 

@@ -39,7 +39,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, reduction: str = "token",
              num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Negative log-likelihood of the masked tokens, a scalar.
+    """Negative log-likelihood of the masked tokens, a scalar (see :func:`sft_loss_from_logps`)."""
+    return sft_loss_from_logps(token_logps(logits, labels), loss_mask, reduction, num_tokens)
+
+
+def sft_loss_from_logps(logps: torch.Tensor, loss_mask: torch.Tensor, reduction: str = "token",
+                        num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """SFT loss from per-token log-probs [B, T] (as a strategy produces them, e.g. from vocab-parallel
+    logits that are never gathered).
 
     ``token`` (LongWriter's long-ce, Bai et al. 2024, §3.3): ``sum_{b,t} m_bt * nll_bt / N`` where N is
     ``num_tokens``. The stage passes the number of target tokens in the whole GLOBAL batch (every
@@ -49,8 +56,8 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
     ``sample``: ``mean_b( sum_t m_bt * nll_bt / sum_t m_bt )``, every sequence weighted equally whatever
     its length (the usual per-sequence mean, which LongWriter shows under-weights long outputs).
     """
-    mask = loss_mask.to(torch.promote_types(logits.dtype, torch.float32))
-    nll = -token_logps(logits, labels) * mask
+    mask = loss_mask.to(logps.dtype)
+    nll = -logps * mask
     if reduction == "token":
         denom = mask.sum() if num_tokens is None else num_tokens
         return nll.sum() / denom

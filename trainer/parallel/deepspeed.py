@@ -4,6 +4,9 @@ ZeRO 0-3, fp32/bf16, optional CPU optimizer offload, activation checkpointing, g
 and clipping, and tensor parallelism through DeepSpeed AutoTP. Parallelism is applied here, from
 outside the model; the data-parallel group comes from the Topology through the mpu adapter.
 
+The strategy owns the micro-batch loop (``train_step``) and hands stage losses per-token log-probs,
+the interface a pipeline-parallel strategy can also honour without gathering full-vocabulary logits.
+
 Gradient scale: DeepSpeed divides each micro-batch loss by the accumulation steps and averages
 gradients over the data-parallel group. Stage losses are already normalised by GLOBAL quantities
 (tokens or sequences of the whole global batch), so :meth:`backward` multiplies by ``dp * accum`` to
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import deepspeed
 import torch
@@ -22,7 +25,9 @@ from deepspeed.runtime.utils import is_model_parallel_parameter
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
+from trainer.losses import token_logps
 from trainer.parallel.schedule import lr_multiplier
+from trainer.parallel.strategy import LossFn
 from trainer.parallel.topology import Topology
 
 
@@ -107,13 +112,33 @@ class DeepSpeedStrategy:
     def eval(self) -> None:
         self.engine.eval()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(labels | context) per position, [B, T]; differentiable (no_grad is the caller's)."""
+        logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).logits
+        return token_logps(logits, batch["labels"])
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss * (self.topology.dp * self.grad_accum))
+    def train_step(self, batches: list[dict[str, torch.Tensor]], loss_fn: LossFn,
+                   on_micro_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """One optimizer step over this rank's micro-batches.
 
-    def step(self) -> dict[str, float] | None:
+        ``loss_fn(token_logps, batch)`` returns the micro-batch's share of the global-batch loss (the
+        shares over all micro-batches and ranks sum to it). Returns the local sum of the shares as
+        ``loss`` (a tensor; the stage reduces it over data-parallel ranks), the grad norm and the LR.
+        """
+        total = torch.zeros((), dtype=torch.float64)
+        info: dict[str, Any] = {}
+        for k, batch in enumerate(batches):
+            if on_micro_batch is not None:
+                on_micro_batch(k)
+            loss = loss_fn(self.token_logps(batch), batch)
+            # Undo DeepSpeed's 1/accum loss scale and 1/dp gradient average (see module docstring).
+            self.engine.backward(loss * (self.topology.dp * self.grad_accum))
+            info = self._step() or info
+            total += loss.detach().double().cpu()
+        return {"loss": total, **info}
+
+    def _step(self) -> dict[str, float] | None:
         """Advance the engine; at an accumulation boundary returns the step's grad norm and LR."""
         boundary = self.engine.is_gradient_accumulation_boundary()
         lr = self.engine.get_lr()[0]

@@ -20,9 +20,9 @@ from trainer.checkpoint.manager import MARKER
 from trainer.data.chat import collate
 from trainer.data.sampler import GlobalBatchPlan
 from trainer.logging import MetricsLogger
-from trainer.losses import sft_loss
+from trainer.losses import sft_loss_from_logps
 from trainer.models import NEFTune, build_model, count_parameters
-from trainer.parallel.deepspeed import DeepSpeedStrategy
+from trainer.parallel.strategy import build_strategy
 from trainer.parallel.topology import Topology
 from trainer.stages import common
 
@@ -33,13 +33,13 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def micro_batch_loss(logits: torch.Tensor, batch: dict, reduction: str, global_tokens: torch.Tensor,
+def micro_batch_loss(logps: torch.Tensor, batch: dict, reduction: str, global_tokens: torch.Tensor,
                      global_batch_size: int) -> torch.Tensor:
     """This micro-batch's share of the global-batch loss (the shares sum to the global loss)."""
     if reduction == "token":
-        return sft_loss(logits, batch["labels"], batch["loss_mask"], "token", num_tokens=global_tokens)
-    rows = batch["labels"].shape[0]
-    return sft_loss(logits, batch["labels"], batch["loss_mask"], "sample") * (rows / global_batch_size)
+        return sft_loss_from_logps(logps, batch["loss_mask"], "token", num_tokens=global_tokens)
+    rows = batch["loss_mask"].shape[0]
+    return sft_loss_from_logps(logps, batch["loss_mask"], "sample") * (rows / global_batch_size)
 
 
 @torch.no_grad()
@@ -51,9 +51,9 @@ def evaluate(strategy, examples: list[dict], pad_id: int, micro_batch_size: int,
     tokens = torch.zeros((), dtype=torch.float64)
     for i in range(0, len(mine), micro_batch_size):
         batch = _to(collate(mine[i:i + micro_batch_size], pad_id), topology.device)
-        logits = strategy.forward(batch["input_ids"], batch["attention_mask"])
+        logps = strategy.token_logps(batch)
+        nll -= (logps * batch["loss_mask"]).sum().double().cpu()
         mask_tokens = batch["loss_mask"].sum()
-        nll += (sft_loss(logits, batch["labels"], batch["loss_mask"], "token") * mask_tokens).double().cpu()
         tokens += mask_tokens.double().cpu()
     strategy.train()
     nll = common.all_reduce_sum(nll, topology.dp_group)
@@ -85,7 +85,7 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
     model = build_model(cfg.model, len(tokenizer), cfg.run.seed)
     log.info("model: %s, %.2fM parameters", type(model).__name__, count_parameters(model) / 1e6)
     neftune = NEFTune(model, stage.neftune_alpha) if stage.neftune_alpha > 0 else None
-    strategy = DeepSpeedStrategy(cfg.parallel, topology)
+    strategy = build_strategy(cfg.parallel, topology)
     strategy.setup(model, stage.optim, stage.micro_batch_size, plan.grad_accum, total_steps)
     checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, topology)
     start_step = _resume(cfg, checkpoints, strategy)
@@ -101,19 +101,15 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
         local_targets = sum(b["loss_mask"].sum() for b in batches)
         local_inputs = sum(b["attention_mask"].sum() for b in batches)
         global_targets = common.all_reduce_sum(local_targets, topology.dp_group).to(torch.float32)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for k, batch in enumerate(batches):
-            if neftune is not None:
-                neftune.reseed(cfg.run.seed, step, k, topology.dp_rank)
-            logits = strategy.forward(batch["input_ids"], batch["attention_mask"])
-            loss = micro_batch_loss(logits, batch, stage.loss_reduction, global_targets.to(logits.device),
-                                    stage.global_batch_size)
-            strategy.backward(loss)
-            info = strategy.step()
-            loss_sum += loss.detach().double().cpu()
+        info = strategy.train_step(
+            batches,
+            lambda logps, batch: micro_batch_loss(logps, batch, stage.loss_reduction,
+                                                  global_targets.to(logps.device), stage.global_batch_size),
+            on_micro_batch=None if neftune is None else (
+                lambda k: neftune.reseed(cfg.run.seed, step, k, topology.dp_rank)))
         inputs = common.all_reduce_sum(local_inputs, topology.dp_group).item()
         elapsed = time.perf_counter() - t0
-        metrics = {"loss": common.all_reduce_sum(loss_sum, topology.dp_group).item(), **info,
+        metrics = {**info, "loss": common.all_reduce_sum(info["loss"], topology.dp_group).item(),
                    "target_tokens": int(global_targets.item()), "tokens_per_s": inputs / elapsed,
                    "epoch": step // plan.steps_per_epoch}
         done = step + 1

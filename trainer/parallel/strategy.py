@@ -1,0 +1,62 @@
+"""The interface every training strategy implements, and the factory that picks one by config.
+
+A stage loop only ever talks to this interface: it hands a strategy a model and its micro-batches and a
+loss function over per-token log-probs, never the engine underneath. Each method that gathers or
+reduces is a collective and must be called on every rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from omegaconf import DictConfig
+
+from trainer.parallel.topology import Topology
+
+# loss_fn(token_logps [B, T], batch) -> this micro-batch's share of the global-batch loss.
+LossFn = Callable[[torch.Tensor, dict], torch.Tensor]
+
+
+class Strategy(Protocol):
+    def setup(self, model: torch.nn.Module, optim: DictConfig, micro_batch_size: int, grad_accum: int,
+              total_steps: int) -> None:
+        """Wrap ``model`` (float32, CPU, unsharded) with its optimizer and LR schedule."""
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]], loss_fn: LossFn,
+                   on_micro_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """One optimizer step over this rank's micro-batches; returns {"loss": local sum of shares
+        (tensor), "grad_norm": float, "lr": float}."""
+
+    def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward only: log p(labels | context) per position, [B, T]."""
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
+
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
+        """Write this rank's shards of model, optimizer and schedule under ``ckpt_dir / tag``."""
+
+    def load(self, ckpt_dir: Path, tag: str) -> dict:
+        """Restore from ``ckpt_dir / tag``; returns the client state."""
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Unsharded Hugging Face-named weights on rank 0, None elsewhere."""
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The Hugging Face model object whose config ``save_pretrained`` writes."""
+
+
+def build_strategy(parallel: DictConfig, topology: Topology) -> Strategy:
+    if parallel.strategy == "deepspeed":
+        from trainer.parallel.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(parallel, topology)
+    if parallel.strategy == "megatron":
+        from trainer.parallel.megatron import MegatronStrategy
+
+        return MegatronStrategy(parallel, topology)
+    raise ValueError(f"parallel.strategy: unknown strategy {parallel.strategy!r}")
