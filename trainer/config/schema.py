@@ -67,6 +67,11 @@ class ParallelConfig:
     cp: int = 1
     # -1: whatever is left of the world size after tp*pp*cp.
     dp: int = -1
+    # megatron strategy only: interleaved pipeline stages per rank, sequence parallel (needs
+    # Transformer Engine norms), megatron's distributed (ZeRO-1-style) optimizer.
+    virtual_pp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
     zero_stage: int = 0
     precision: str = "fp32"  # fp32 | bf16
     offload_optimizer: bool = False

@@ -12,9 +12,15 @@ import datetime
 import os
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+
+# megatron-core announces at import that it falls back to plain-torch kernels without Transformer
+# Engine / Apex (always the case on CPU); the fallback is what we want, the warnings are noise.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+from megatron.core import parallel_state  # noqa: E402
 from omegaconf import DictConfig
 
 from trainer.config.validate import data_parallel_size
