@@ -21,25 +21,37 @@ def _close(a, b, tol):
     assert len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b)), f"{a}\n{b}"
 
 
-def test_local_hf_checkpoint_trains_and_exports_with_its_tokenizer(tmp_path, cache_dir):
-    """model.path: a transformers checkpoint directory of another family (Qwen2, tied embeddings)."""
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory, cache_dir):
+    """A transformers checkpoint directory of another family (Qwen2: qkv bias, tied embeddings)."""
     tokenizer = build_embedded_tokenizer(400, cache_dir / "tokenizers")
     config = AutoConfig.for_model("qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                   tie_word_embeddings=True)
     torch.manual_seed(0)
-    src = tmp_path / "qwen2-tiny"
+    src = tmp_path_factory.mktemp("qwen2-tiny")
     AutoModelForCausalLM.from_config(config).save_pretrained(src)
     tokenizer.save_pretrained(src)
+    return src
+
+
+def test_local_hf_checkpoint_trains_and_exports_with_its_tokenizer(tmp_path, cache_dir, qwen2_dir):
     run = tmp_path / "run"
-    run_stagecraft(run, ["model=hf", f"model.path={src}", "stage.max_steps=3", "stage.micro_batch_size=4",
-                         "logging.wandb_mode=offline"], cache_dir, nproc=2)
+    run_stagecraft(run, ["model=hf", f"model.path={qwen2_dir}", "stage.max_steps=3", "stage.micro_batch_size=8",
+                         "logging.wandb_mode=offline"], cache_dir)
     assert len(losses(run)) == 3
     exported = json.loads((run / "stages/sft/hf/config.json").read_text())
     assert exported["model_type"] == "qwen2" and exported["tie_word_embeddings"] is True
     assert_export_reproduces_eval_loss(run)
     # wandb ran offline, inside the stage directory.
     assert list((run / "stages/sft/wandb/wandb").glob("offline-run-*"))
+    # The same checkpoint loaded straight into ZeRO-3 partitions (zero.Init) on 2 processes trains
+    # the same trajectory and exports the same model.
+    zero3 = tmp_path / "zero3"
+    run_stagecraft(zero3, ["model=hf", f"model.path={qwen2_dir}", "stage.max_steps=3", "stage.micro_batch_size=4",
+                           "parallel=zero3"], cache_dir, nproc=2)
+    _close(losses(run), losses(zero3), 1e-5)
+    assert_export_reproduces_eval_loss(zero3)
 
 
 def _bad_file(tmp_path):

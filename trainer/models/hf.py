@@ -37,4 +37,5 @@ def build_model(model_cfg: DictConfig, vocab_size: int, seed: int) -> PreTrained
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameter count, also for a model loaded into ZeRO-3 partitions (whose tensors are empty)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

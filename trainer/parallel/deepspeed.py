@@ -15,6 +15,7 @@ undo both and make the applied gradient the gradient of the global-batch loss.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Any, Callable
@@ -77,14 +78,31 @@ class DeepSpeedStrategy:
         self.topology = topology
         self.engine = None
         self.grad_accum = 1
+        self._hf_zero3 = None
+
+    def model_init_context(self, micro_batch_size: int, grad_accum: int, pretrained: bool):
+        """Where the stage builds its model. Under ZeRO-3 a pretrained model is loaded straight into
+        its partitions (transformers' ``HfDeepSpeedConfig`` -> ``deepspeed.zero.Init``), so no rank ever
+        holds the full weights; a model built from config keeps the plain seeded init, identical on
+        every rank and to a 1-process run."""
+        if self.parallel.zero_stage != 3 or not pretrained:
+            return contextlib.nullcontext()
+        from transformers.integrations import HfDeepSpeedConfig
+
+        config = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum,
+                  "zero_optimization": {"stage": 3}, "bf16": {"enabled": self.parallel.precision == "bf16"}}
+        # transformers holds only a weak reference; it must stay alive for the engine's lifetime.
+        self._hf_zero3 = HfDeepSpeedConfig(config)
+        return contextlib.nullcontext()
 
     def setup(self, model: torch.nn.Module, optim: DictConfig, micro_batch_size: int, grad_accum: int,
               total_steps: int) -> None:
         if self.parallel.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.parallel.precision == "bf16":
-            model.to(torch.bfloat16)
-        model.to(self.topology.device)
+        if self._hf_zero3 is None:  # zero.Init already placed and typed the partitions
+            if self.parallel.precision == "bf16":
+                model.to(torch.bfloat16)
+            model.to(self.topology.device)
         self.grad_accum = grad_accum
         config = build_ds_config(self.parallel, optim, micro_batch_size, grad_accum)
         schedule = functools.partial(lr_multiplier, total_steps=total_steps, warmup_steps=optim.warmup_steps,

@@ -8,7 +8,7 @@ reduces is a collective and must be called on every rank.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 from omegaconf import DictConfig
@@ -20,6 +20,9 @@ LossFn = Callable[[torch.Tensor, dict], torch.Tensor]
 
 
 class Strategy(Protocol):
+    def model_init_context(self, micro_batch_size: int, grad_accum: int, pretrained: bool) -> ContextManager:
+        """The context the stage builds (``pretrained``: loads) its model in, e.g. to load it sharded."""
+
     def setup(self, model: torch.nn.Module, optim: DictConfig, micro_batch_size: int, grad_accum: int,
               total_steps: int) -> None:
         """Wrap ``model`` (float32, CPU, unsharded) with its optimizer and LR schedule."""

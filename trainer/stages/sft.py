@@ -82,10 +82,11 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
     if stage.max_steps > 0:
         total_steps = min(total_steps, stage.max_steps)
 
-    model = build_model(cfg.model, len(tokenizer), cfg.run.seed)
+    strategy = build_strategy(cfg.parallel, topology)
+    with strategy.model_init_context(stage.micro_batch_size, plan.grad_accum, cfg.model.path is not None):
+        model = build_model(cfg.model, len(tokenizer), cfg.run.seed)
     log.info("model: %s, %.2fM parameters", type(model).__name__, count_parameters(model) / 1e6)
     neftune = NEFTune(model, stage.neftune_alpha) if stage.neftune_alpha > 0 else None
-    strategy = build_strategy(cfg.parallel, topology)
     strategy.setup(model, stage.optim, stage.micro_batch_size, plan.grad_accum, total_steps)
     checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, topology)
     start_step = _resume(cfg, checkpoints, strategy)
