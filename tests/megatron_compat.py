@@ -14,6 +14,9 @@ doing something else.
 from __future__ import annotations
 
 import functools
+import importlib
+import sys
+import types
 
 import torch
 
@@ -41,6 +44,46 @@ def _cpu_type(original):
             return original(self).replace("torch.", "torch.cuda.", 1)
         return original(self, dtype, non_blocking, **kwargs)
     return type_
+
+
+# Tensor factories megatron calls with a literal device="cuda"; inside megatron's modules (only) they
+# build CPU tensors instead.
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like",
+              "full_like", "randn", "rand")
+# The megatron modules whose `torch` global is redirected: those the strategy's code paths reach, each
+# checked against 0.16.1's source for `device="cuda"` literals.
+_MODULES = (
+    "megatron.core.transformer.utils", "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication", "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel", "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer.optimizer", "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads", "megatron.core.optimizer.grad_scaler",
+    "megatron.core.dist_checkpointing.exchange_utils", "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.tensor_parallel.data",
+)
+
+
+def _is_cuda(device) -> bool:
+    return (isinstance(device, str) and device.startswith("cuda")) or (
+        isinstance(device, torch.device) and device.type == "cuda")
+
+
+def _on_cpu(factory):
+    @functools.wraps(factory)
+    def make(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+    return make
+
+
+class _CpuTorch(types.ModuleType):
+    """Stands in for `torch` inside the modules in _MODULES: factories with device="cuda" build on CPU,
+    every other attribute is torch's own."""
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        return _on_cpu(attr) if name in _FACTORIES else attr
 
 
 def apply() -> None:
@@ -92,4 +135,10 @@ def apply() -> None:
 
     mrandom.model_parallel_cuda_manual_seed = seed_on_cpu
     tensor_parallel.model_parallel_cuda_manual_seed = seed_on_cpu
+    proxy = _CpuTorch("torch")
+    for name in _MODULES:
+        module = importlib.import_module(name)
+        if module.__dict__.get("torch") is not torch:
+            raise MegatronCompatError(f"{name} no longer imports torch as `torch`; re-verify the compat layer")
+        module.torch = proxy
     _APPLIED = True

@@ -2,7 +2,7 @@
 hand-derived gradients, and identities."""
 
 import math
-from decimal import Decimal, getcontext
+from decimal import Decimal, localcontext
 from functools import partial
 
 import pytest
@@ -61,12 +61,14 @@ def _ref_rpo(pc, pr, rc, rr, wc, wr, beta, eta, distance):
 
 
 def _decimal_bwd_kl(a, b):
-    """Nemotron-4's D[a||b] exactly as written, sigma(b) log(sigma(b)/sigma(a)) + ..., in 80-digit decimals:
-    no log-sigmoid rewriting, so it checks the stable form at |a|, |b| ~ 1e3 where floats cannot."""
-    getcontext().prec = 80
-    sig = lambda x: 1 / (1 + (-Decimal(x)).exp())  # noqa: E731
-    sa, sb = sig(a), sig(b)
-    return float(sb * (sb / sa).ln() + (1 - sb) * ((1 - sb) / (1 - sa)).ln())
+    """Nemotron-4's D[a||b] exactly as written, sigma(b) log(sigma(b)/sigma(a)) + ..., in 1000-digit
+    decimals: no log-sigmoid rewriting, so it checks the stable form at |a|, |b| ~ 1e3 where floats
+    cannot (1 - sigma(1e3) ~ 1e-435 survives the subtraction only with that many digits)."""
+    with localcontext() as ctx:
+        ctx.prec = 1000
+        sig = lambda x: 1 / (1 + (-Decimal(x)).exp())  # noqa: E731
+        sa, sb = sig(a), sig(b)
+        return float(sb * (sb / sa).ln() + (1 - sb) * ((1 - sb) / (1 - sa)).ln())
 
 
 def _per_pair(fn, tensors, *args):
@@ -77,11 +79,12 @@ def _per_pair(fn, tensors, *args):
 # ---- closed forms ------------------------------------------------------------------------------------
 
 def test_dpo_is_log2_at_zero_beta_or_equal_margins():
-    pi_c, pi_r, ref_c, ref_r, _, _ = _pairs()
+    pi_c, pi_r, ref_c, ref_r, gain, _ = _pairs()
     assert torch.allclose(dpo_loss(pi_c, pi_r, ref_c, ref_r, 0.0), torch.full((8,), math.log(2), dtype=torch.float64))
     # Same policy-minus-reference gain on both responses: h = 0 whatever beta and the log-prob scale.
+    pi_c = pi_c - 1e3
     for beta in (0.01, 0.1, 5.0):
-        loss = dpo_loss(pi_c - 1e3, pi_r + 7.0, ref_c - 1e3 + 2.0, ref_r + 9.0, beta)
+        loss = dpo_loss(pi_c, pi_r, pi_c - gain, pi_r - gain, beta)
         assert torch.allclose(loss, torch.full_like(loss, math.log(2)), rtol=1e-12)
 
 
