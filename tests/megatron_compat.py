@@ -59,7 +59,7 @@ _MODULES = (
     "megatron.core.optimizer.optimizer", "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer.clip_grads", "megatron.core.optimizer.grad_scaler",
     "megatron.core.dist_checkpointing.exchange_utils", "megatron.core.dist_checkpointing.strategies.state_dict_saver",
-    "megatron.core.tensor_parallel.data",
+    "megatron.core.tensor_parallel.data", "megatron.core.utils",
 )
 
 

@@ -106,6 +106,8 @@ class StageConfig:
     loss_reduction: str = "token"
     neftune_alpha: float = 0.0
     eval_every: int = 0
+    # Greedy-generation accuracy on the eval split at the end of the stage (0 new tokens: off).
+    eval_max_new_tokens: int = 24
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

@@ -58,7 +58,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
                 "logging.log_every"):
         _positive(cfg, key)
     for key in ("stage.optim.lr", "stage.optim.grad_clip", "stage.optim.warmup_steps", "stage.neftune_alpha",
-                "stage.eval_every", "checkpoint.every_steps", "checkpoint.keep_last"):
+                "stage.eval_every", "stage.eval_max_new_tokens", "checkpoint.every_steps", "checkpoint.keep_last"):
         _positive(cfg, key, allow_zero=True)
     if cfg.checkpoint.keep_last == 0:
         raise ConfigError("checkpoint.keep_last: must be >= 1 (the latest checkpoint is always kept)")

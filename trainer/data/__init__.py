@@ -1,6 +1,7 @@
 """Data: JSONL formats, synthetic demo tasks, tokenizers, chat templating with loss masks, collation."""
 
-from trainer.data.chat import TemplateError, collate, tokenize_chat
+from trainer.data.curation import length_score
+from trainer.data.chat import TemplateError, collate, tokenize_chat, tokenize_prompt
 from trainer.data.records import DataError, read_jsonl, validate_chat_record, validate_messages
 from trainer.data.synthetic import (
     TASK_FAMILIES,
@@ -11,8 +12,37 @@ from trainer.data.synthetic import (
     write_jsonl,
 )
 from trainer.data.tokenizer import build_embedded_tokenizer, load_tokenizer
+from trainer.data.packing import collate_packed, pack, pack_pairs, segment_sum
+from trainer.data.preference import (
+    HELPSTEER2_ATTRIBUTES,
+    collate_pairs,
+    collate_reward,
+    pair_scalars,
+    preference_messages,
+    synthetic_preference_records,
+    synthetic_reward_records,
+    tokenize_pair,
+    tokenize_reward_example,
+    validate_preference_record,
+    validate_reward_record,
+)
 
 __all__ = [
+    "HELPSTEER2_ATTRIBUTES",
+    "collate_packed",
+    "collate_pairs",
+    "collate_reward",
+    "pack",
+    "pack_pairs",
+    "pair_scalars",
+    "preference_messages",
+    "segment_sum",
+    "synthetic_preference_records",
+    "synthetic_reward_records",
+    "tokenize_pair",
+    "tokenize_reward_example",
+    "validate_preference_record",
+    "validate_reward_record",
     "TASK_FAMILIES",
     "DataError",
     "TemplateError",
@@ -20,10 +50,12 @@ __all__ = [
     "collate",
     "corpus_text",
     "generate_chat_records",
+    "length_score",
     "load_tokenizer",
     "make_sample",
     "read_jsonl",
     "tokenize_chat",
+    "tokenize_prompt",
     "validate_chat_record",
     "validate_messages",
     "verify",

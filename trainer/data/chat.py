@@ -60,6 +60,13 @@ def tokenize_chat(
     return {"input_ids": input_ids, "assistant_mask": mask}
 
 
+def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation prefix followed by the assistant header: what a model generates from."""
+    text = _render(tokenizer, messages, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -31,9 +31,10 @@ def pack(lengths: list[int], max_length: int) -> list[list[int]]:
 
     Sequences are placed longest first (ties by index, so the result is deterministic) into the first
     bin with room, a new bin when none has. Each bin lists its indices in ascending order. First-fit
-    decreasing uses at most 11/9 OPT + 1 bins, far fewer than first-fit in input order on mixed
-    lengths. `lengths` are the positions each sequence occupies in a row: for `collate_packed` that
-    is `len(input_ids) - 1` (the shift drops one token).
+    decreasing needs at most about 11/9 of the optimal number of rows, fewer than first-fit in input
+    order on mixed lengths (which the order of a shuffled batch gives). `lengths` are the positions
+    each sequence occupies in a row: for `collate_packed` that is `len(input_ids) - 1` (the shift
+    drops one token).
     """
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")

@@ -23,8 +23,8 @@ from transformers import PreTrainedTokenizerBase
 from trainer.data.chat import TRUNCATION, collate, tokenize_chat
 from trainer.data.records import validate_messages
 from trainer.data.synthetic import TASK_FAMILIES, make_sample, verify
+from trainer.losses.reward import HELPSTEER2_ATTRIBUTES  # one definition, shared with the loss
 
-HELPSTEER2_ATTRIBUTES: tuple[str, ...] = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 _SIDES = ("chosen", "rejected")
 _PAIR_KEYS = frozenset({*_SIDES, "chosen_reward", "rejected_reward"})
 
@@ -111,7 +111,9 @@ def validate_reward_record(rec: dict, attributes: Sequence[str] = HELPSTEER2_ATT
     messages = rec["messages"]
     validate_messages(messages)
     if messages[-1]["role"] != "assistant":
-        raise ValueError(f"messages must end with an assistant turn (the scored response), got {messages[-1]['role']!r}")
+        raise ValueError(
+            f"messages must end with an assistant turn (the scored response), got {messages[-1]['role']!r}"
+        )
     if not messages[-1]["content"].strip():
         raise ValueError(f"messages[{len(messages) - 1}].content is an empty response")
     if "attributes" not in rec:

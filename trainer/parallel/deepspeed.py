@@ -136,6 +136,15 @@ class DeepSpeedStrategy:
                              use_cache=False).logits
         return token_logps(logits, batch["labels"])
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+        """Greedy continuation (prompt included), [B, prompt + new]. A collective under ZeRO-3 / TP."""
+        return self.module.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
+            # ZeRO-3 gathers parameters inside forward: ranks must keep stepping until all are done.
+            synced_gpus=self.parallel.zero_stage == 3 and self.topology.world_size > 1)
+
     def train_step(self, batches: list[dict[str, torch.Tensor]], loss_fn: LossFn,
                    on_micro_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches.

@@ -35,6 +35,10 @@ class Strategy(Protocol):
     def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward only: log p(labels | context) per position, [B, T]."""
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+        """Greedy continuation of left-padded prompts, [B, prompt + new]; a collective."""
+
     def train(self) -> None: ...
 
     def eval(self) -> None: ...

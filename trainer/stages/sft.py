@@ -24,7 +24,9 @@ from trainer.losses import sft_loss_from_logps
 from trainer.models import NEFTune, build_model, count_parameters
 from trainer.parallel.strategy import build_strategy
 from trainer.parallel.topology import Topology
+from trainer.data.records import read_jsonl, validate_chat_record
 from trainer.stages import common
+from trainer.stages.evaluation import generation_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,11 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
     result = {"stage": stage.name, "type": "sft", "steps": total_steps, "train_data": train_stats}
     if evals:
         result.update(evaluate(strategy, evals, pad_id, stage.micro_batch_size, topology))
+        if stage.eval_max_new_tokens > 0:
+            records = [r for path in eval_files for r in read_jsonl(path, validate_chat_record, "skip")[0]]
+            accuracy = generation_accuracy(strategy, records, tokenizer, topology, stage.eval_max_new_tokens,
+                                           stage.micro_batch_size)
+            result.update({f"eval_{k}": v for k, v in accuracy.items()})
         logger.log(total_steps, {k: v for k, v in result.items() if k.startswith("eval_")})
     if cfg.checkpoint.export_hf:
         export_hf(strategy, tokenizer, out / "hf", topology)

@@ -1,0 +1,219 @@
+"""Worker for tests/test_megatron.py, run with torchrun (or plain python for 1 process).
+
+    python tests/megatron_worker.py <mode> <json options> <out.json>
+
+Modes:
+  convert    megatron logits / log-probs vs transformers on the same weights, and the HF -> megatron -> HF
+             round trip of ``full_state_dict``, for several tiny model families in this layout.
+  train      SFT steps through MegatronStrategy (GlobalBatchPlan micro-batches, the stage's
+             ``micro_batch_loss``), optionally saving at / resuming from a dist checkpoint.
+  reference  the same SFT steps in plain PyTorch on the HF model (1 process): the independent reference.
+
+Applies the test-only CPU compatibility layer for megatron-core first.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests import megatron_compat  # noqa: E402
+
+megatron_compat.apply()
+
+import torch.distributed as dist  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from trainer.data.chat import collate  # noqa: E402
+from trainer.data.sampler import GlobalBatchPlan  # noqa: E402
+from trainer.losses import token_logps  # noqa: E402
+from trainer.parallel.schedule import lr_multiplier  # noqa: E402
+from trainer.stages.common import all_reduce_sum  # noqa: E402
+from trainer.stages.sft import micro_batch_loss  # noqa: E402
+
+VOCAB, PAD = 400, 0
+OPTIM = DictConfig({"lr": 3e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0,
+                    "warmup_steps": 2, "schedule": "cosine", "min_lr_ratio": 0.1})
+
+
+def tiny_model(arch: str, tied: bool, layers: int, seed: int = 0) -> torch.nn.Module:
+    config = AutoConfig.for_model(arch, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                  tie_word_embeddings=tied, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():  # non-trivial norms and biases, so a mapping that drops them shows
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.add_(torch.randn_like(param) * 0.3)
+    model.config.use_cache = False
+    return model
+
+
+def examples(n: int, seed: int) -> list[dict]:
+    """Chat-like token sequences of varied length with a prompt/response mask (as tokenize_chat makes)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(8, 40, (1,), generator=g))
+        prompt = int(torch.randint(2, length - 2, (1,), generator=g))
+        ids = torch.randint(1, VOCAB, (length,), generator=g).tolist()
+        out.append({"input_ids": ids, "assistant_mask": [0] * prompt + [1] * (length - prompt)})
+    return out
+
+
+def parallel_config(opts: dict) -> DictConfig:
+    return DictConfig({"strategy": "megatron", "tp": opts.get("tp", 1), "pp": opts.get("pp", 1), "cp": 1,
+                       "dp": -1, "virtual_pp": opts.get("vpp", 1), "sequence_parallel": False,
+                       "distributed_optimizer": opts.get("dist_opt", True), "zero_stage": 0,
+                       "precision": opts.get("precision", "fp32"), "offload_optimizer": False,
+                       "activation_checkpointing": False, "device": "cpu", "backend": "gloo"})
+
+
+def batch_for(ids: torch.Tensor) -> dict:
+    return {"input_ids": ids, "labels": torch.roll(ids, -1, dims=1), "attention_mask": torch.ones_like(ids),
+            "loss_mask": torch.ones(ids.shape)}
+
+
+def run_convert(opts: dict, topology) -> dict:
+    """For each family: max |logps - HF logps|, max |gathered logits - HF logits|, round-trip exactness."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from trainer.parallel.megatron import MegatronStrategy
+
+    results = {}
+    for arch, tied in (("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)):
+        hf = tiny_model(arch, tied, layers=opts.get("layers", 2)).eval()
+        reference = {k: v.clone() for k, v in hf.state_dict().items()}
+        ids = torch.randint(1, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
+        batch = batch_for(ids)
+        with torch.no_grad():
+            ref_logits = hf(input_ids=ids).logits
+        strategy = MegatronStrategy(parallel_config(opts), topology)
+        strategy.setup(hf, OPTIM, micro_batch_size=2, grad_accum=1, total_steps=1)
+        strategy.eval()
+        logps = strategy.token_logps(batch)
+        entry = {"logps_err": (logps - token_logps(ref_logits, batch["labels"])).abs().max().item()}
+        if topology.pp == 1:
+            with torch.no_grad():
+                positions = torch.arange(24).unsqueeze(0).expand(2, -1)
+                local = strategy.chunks[0](ids, positions, None)
+                full = gather_from_tensor_model_parallel_region(local)
+            entry["logits_err"] = (full - ref_logits).abs().max().item()
+            entry["local_vocab"] = local.shape[-1]
+        state = strategy.full_state_dict()
+        if state is not None:
+            if tied:
+                reference.pop("lm_head.weight", None)
+            entry["same_keys"] = sorted(state) == sorted(reference)
+            entry["bit_exact"] = entry["same_keys"] and all(torch.equal(state[k], reference[k]) for k in reference)
+            if opts.get("export"):  # save_pretrained through the HF shell, reload with plain transformers
+                out = Path(opts["export"]) / f"{arch}-{int(tied)}"
+                strategy.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+                reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+                with torch.no_grad():
+                    entry["export_logits_err"] = (reloaded(input_ids=ids).logits - ref_logits).abs().max().item()
+        results[f"{arch}-{'tied' if tied else 'untied'}"] = entry
+    return results
+
+
+def sft_setup(opts: dict, dp: int):
+    data = examples(opts.get("examples", 48), seed=3)
+    plan = GlobalBatchPlan(len(data), opts.get("gbs", 8), opts.get("mbs", 2), dp, seed=11)
+    return data, plan
+
+
+def run_train(opts: dict, topology) -> dict:
+    from trainer.parallel.megatron import MegatronStrategy
+
+    data, plan = sft_setup(opts, topology.dp)
+    steps = opts["steps"]
+    strategy = MegatronStrategy(parallel_config(opts), topology)
+    strategy.setup(tiny_model("qwen2", True, layers=4), OPTIM, plan.micro_batch_size, plan.grad_accum, steps)
+    start = 0
+    if opts.get("load"):
+        start = strategy.load(Path(opts["load"]), opts["tag"])["step"]
+    strategy.train()
+    records = []
+    for step in range(start, steps):
+        batches = [collate([data[i] for i in ids], PAD) for ids in plan.micro_batches(step, topology.dp_rank)]
+        targets = all_reduce_sum(sum(b["loss_mask"].sum() for b in batches), topology.dp_group).float()
+        info = strategy.train_step(batches, lambda logps, batch: micro_batch_loss(
+            logps, batch, "token", targets, plan.global_batch_size))
+        loss = all_reduce_sum(info["loss"], topology.dp_group).item()
+        records.append({"step": step + 1, "loss": loss, "grad_norm": info["grad_norm"], "lr": info["lr"],
+                        "local_loss": info["loss"].item()})
+        if opts.get("save_at") == step + 1:
+            strategy.save(Path(opts["save"]), opts["tag"], {"step": step + 1})
+    # Every rank of a pipeline/tensor group must report the same local loss (the broadcast contract).
+    mine = torch.tensor([r["local_loss"] for r in records], dtype=torch.float64)
+    gathered = [torch.empty_like(mine) for _ in range(topology.world_size)]
+    dist.all_gather(gathered, mine)
+    by_dp = {}
+    for rank, losses in enumerate(gathered):
+        by_dp.setdefault(rank_dp(rank, topology), []).append(losses)
+    consistent = all(all(torch.equal(x, group[0]) for x in group) for group in by_dp.values())
+    return {"records": records, "local_loss_consistent": consistent}
+
+
+def rank_dp(rank: int, topology) -> int:
+    """The data-parallel index of global rank ``rank`` under megatron's default order (tp-cp-ep-dp-pp)."""
+    return (rank // topology.tp) % topology.dp
+
+
+def run_reference(opts: dict) -> dict:
+    """Plain PyTorch: HF model, AdamW (decay on >= 2-D params), clip, the same LR schedule and batches."""
+    data, plan = sft_setup(opts, dp=1)
+    steps = opts["steps"]
+    model = tiny_model("qwen2", True, layers=4)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=OPTIM.lr,
+                                  betas=tuple(OPTIM.betas), eps=OPTIM.eps)
+    schedule = functools.partial(lr_multiplier, total_steps=steps, warmup_steps=OPTIM.warmup_steps,
+                                 schedule=OPTIM.schedule, min_lr_ratio=OPTIM.min_lr_ratio)
+    records = []
+    for step in range(steps):
+        batch = collate([data[i] for i in plan.global_batch(step)], PAD)
+        logps = token_logps(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+        loss = micro_batch_loss(logps, batch, "token", batch["loss_mask"].sum(), plan.global_batch_size)
+        optimizer.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.grad_clip).item()
+        lr = OPTIM.lr * schedule(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        records.append({"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm, "lr": lr})
+    return {"records": records}
+
+
+def main() -> None:
+    mode, opts, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    torch.set_num_threads(1)
+    if mode == "reference":
+        result = run_reference(opts)
+        out.write_text(json.dumps(result))
+        return
+    from trainer.parallel.topology import Topology
+
+    topology = Topology.initialize(parallel_config(opts))
+    result = run_convert(opts, topology) if mode == "convert" else run_train(opts, topology)
+    if topology.is_main:
+        out.write_text(json.dumps(result))
+    topology.destroy()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

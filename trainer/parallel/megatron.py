@@ -1,0 +1,288 @@
+"""Strategy ``megatron``: a megatron-core GPTModel, tensor x pipeline x data parallel.
+
+The stage's Hugging Face CausalLM is converted to this rank's GPTModel chunk(s) (TP shards of the
+layers of this pipeline stage; :mod:`trainer.models.megatron_convert`), wrapped in megatron's DDP and
+optimizer (the distributed optimizer when ``parallel.distributed_optimizer``), and driven by megatron's
+pipeline schedules (1F1B; interleaved when ``parallel.virtual_pp > 1``). Groups come from the Topology,
+which already initialised megatron-core's ``parallel_state``.
+
+Per-token log-probs are ``-vocab_parallel_cross_entropy(logits, labels)`` on the vocabulary-parallel
+logits, so no rank ever gathers full-vocabulary logits; stage losses receive them unchanged.
+
+Gradient scale: for a ``(loss, dict)`` loss function the schedules divide each micro-batch loss by the
+number of micro-batches M, and megatron DDP averages gradients over the data-parallel group. Stage
+losses are already shares of the GLOBAL-batch loss, so the loss handed to the schedule is multiplied by
+``M * dp`` to undo both (exactly as the deepspeed strategy does): the applied gradient is the gradient
+of the sum of shares over all micro-batches and data-parallel ranks.
+
+Attention: micro-batches are right-padded and attention is causal without a padding mask. A real
+token only attends to earlier positions, which are all real, so its logits are exactly those of the
+unpadded sequence; padding positions carry loss_mask 0. The same argument lets :meth:`train_step` pad
+every micro-batch of a step to one length (pipeline p2p needs one activation shape per step).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from omegaconf import DictConfig
+
+from trainer.models import megatron_convert as convert
+from trainer.parallel.schedule import lr_multiplier
+from trainer.parallel.strategy import LossFn
+from trainer.parallel.topology import Topology
+
+log = logging.getLogger(__name__)
+# Seed of megatron's model-parallel RNG tracker. Dropout is off in every converted model, so no random
+# stream is consumed; the tracker must exist because megatron's attention forks it.
+_TRACKER_SEED = 1234
+# The distributed optimizer's checkpoint format that reshards over TP, PP and DP.
+_OPTIM_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _pad(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """Right-pad every [B, T] entry to ``length`` with zeros (loss_mask 0: padding never counts)."""
+    t = batch["input_ids"].shape[1]
+    if t == length:
+        return batch
+    out = {}
+    for key, value in batch.items():
+        if value.dim() >= 2 and value.shape[1] == t:
+            value = torch.nn.functional.pad(value, (0, 0) * (value.dim() - 2) + (0, length - t))
+        out[key] = value
+    return out
+
+
+class MegatronStrategy:
+    """Owns the GPTModel chunks, megatron DDP and optimizer of one model for one stage."""
+
+    def __init__(self, parallel: DictConfig, topology: Topology):
+        if parallel.cp != 1:
+            raise NotImplementedError("parallel.cp: context parallelism is not wired into the megatron strategy yet")
+        if parallel.sequence_parallel and not convert.HAVE_TE:
+            raise NotImplementedError("parallel.sequence_parallel: needs Transformer Engine (its norms)")
+        if parallel.offload_optimizer:
+            raise NotImplementedError("parallel.offload_optimizer: not supported by parallel.strategy=megatron")
+        if parallel.precision not in ("fp32", "bf16"):
+            raise ValueError(f"parallel.precision: {parallel.precision!r} (fp32 | bf16)")
+        self.parallel = parallel
+        self.topology = topology
+        self.vpp = parallel.virtual_pp
+        self.step = 0  # optimizer steps taken: the LR schedule's clock, checkpointed
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def setup(self, model: torch.nn.Module, optim: DictConfig, micro_batch_size: int, grad_accum: int,
+              total_steps: int) -> None:
+        if self.vpp > 1 and grad_accum % self.topology.pp:
+            raise ValueError(f"parallel.virtual_pp > 1 needs the micro-batches per step ({grad_accum}) to be a "
+                             f"multiple of parallel.pp={self.topology.pp}")
+        dtype = torch.bfloat16 if self.parallel.precision == "bf16" else torch.float32
+        self.hf_config = model.config
+        self.config = convert.transformer_config(
+            model.config, self.topology.tp, self.topology.pp, self.vpp, dtype,
+            use_cpu_init=self.topology.device.type == "cpu", sequence_parallel=self.parallel.sequence_parallel,
+            recompute=self.parallel.activation_checkpointing)
+        tensor_parallel.model_parallel_cuda_manual_seed(_TRACKER_SEED)
+        hf_state = model.state_dict()
+        self.chunks = []  # the bare GPTModel chunks (names, sharded state dicts, export)
+        for vp in range(self.vpp):
+            vp_stage = vp if self.vpp > 1 else None
+            chunk = convert.build_gpt_model(
+                model.config, self.config, vp_stage=vp_stage,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
+            convert.load_hf_weights(chunk, hf_state, model.config, self.topology.tp_rank, self.topology.tp)
+            self.chunks.append(chunk.to(device=self.topology.device, dtype=dtype))
+        del hf_state
+        # Keep only the HF shell (config, save_pretrained); its weights live in the chunks now.
+        self._hf = model.to("meta")
+
+        if dtype != torch.float32:
+            from megatron.core.transformer.module import Float16Module
+
+            wrapped = [Float16Module(self.config, c) for c in self.chunks]
+        else:
+            wrapped = self.chunks
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+            use_distributed_optimizer=self.parallel.distributed_optimizer, check_for_nan_in_grad=False)
+        self.model = [DistributedDataParallel(self.config, ddp_config, m, disable_bucketing=i > 0)
+                      for i, m in enumerate(wrapped)]
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
+            adam_beta2=optim.betas[1], adam_eps=optim.eps, clip_grad=optim.grad_clip, bf16=dtype == torch.bfloat16,
+            params_dtype=dtype, use_distributed_optimizer=self.parallel.distributed_optimizer), self.model)
+        self.config.no_sync_func = [m.no_sync for m in self.model]
+        if len(self.model) == 1:
+            self.config.no_sync_func = self.config.no_sync_func[0]
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.base_lr, self.weight_decay = optim.lr, optim.weight_decay
+        self.schedule = functools.partial(lr_multiplier, total_steps=total_steps, warmup_steps=optim.warmup_steps,
+                                          schedule=optim.schedule, min_lr_ratio=optim.min_lr_ratio)
+        self.forward_backward = get_forward_backward_func(
+            pp_size=self.topology.pp, vp_size=self.vpp if self.vpp > 1 else None)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The Hugging Face model shell (config and ``save_pretrained``; weights on the meta device)."""
+        return self._hf
+
+    def train(self) -> None:
+        for m in self.model:
+            m.train()
+
+    def eval(self) -> None:
+        for m in self.model:
+            m.eval()
+
+    # ---- forward / backward ------------------------------------------------------------------------
+    def _run(self, batches: list[dict[str, torch.Tensor]], loss_func: Callable, forward_only: bool) -> list:
+        """Megatron's schedule over ``batches``; returns what ``loss_func`` stored on the last stage."""
+        length = max(b["input_ids"].shape[1] for b in batches)
+        batches = [_pad(b, length) for b in batches]
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            ids = batch["input_ids"]
+            positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+            # attention_mask=None: causal attention (see the module docstring on right padding).
+            return model(ids, positions, None), functools.partial(loss_func, batch)
+
+        iterators = [iter(batches) for _ in self.model]
+        return self.forward_backward(
+            forward_step_func=forward_step, data_iterator=iterators if self.vpp > 1 else iterators[0],
+            model=self.model if self.vpp > 1 else self.model[0], num_microbatches=len(batches),
+            seq_length=length, micro_batch_size=batches[0]["input_ids"].shape[0], forward_only=forward_only,
+            collect_non_loss_data=forward_only)
+
+    @staticmethod
+    def _logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log p(labels) per position from this rank's vocabulary slice of the logits, [B, T] float32."""
+        return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+
+    def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Broadcast a tensor the last pipeline stage holds to the whole pipeline group."""
+        if self.topology.pp == 1:
+            return tensor
+        tensor = tensor.contiguous()
+        dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        return tensor
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]], loss_fn: LossFn,
+                   on_micro_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """One optimizer step over this rank's micro-batches (see the module docstring for the scale).
+
+        Returns the local sum of the loss shares (float64, identical on every rank of a pipeline and
+        tensor group), the pre-clip global grad norm and the LR used."""
+        if on_micro_batch is not None:
+            raise NotImplementedError("stage.neftune_alpha: NEFTune hooks the HF embedding, which "
+                                      "parallel.strategy=megatron does not run")
+        scale = len(batches) * self.topology.dp
+
+        def loss_func(batch, logits):
+            share = loss_fn(self._logps(logits, batch["labels"]), batch)
+            return share * scale, {"share": share.detach()}
+
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        stored = self._run(batches, loss_func, forward_only=False)
+        total = torch.zeros((), dtype=torch.float64, device=self.topology.device)
+        for item in stored:  # only the last stage stores anything
+            total += item["share"].double()
+        total = self._from_last_stage(total).cpu()
+
+        lr = self.base_lr * self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            # What megatron's OptimizerParamScheduler would set; its groups carry wd_mult 0 for
+            # biases and 1-D parameters (the deepspeed strategy's grouping) and lr_mult 1.
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError(f"megatron optimizer skipped step {self.step} (non-finite gradients)")
+        self.step += 1
+        return {"loss": total, "grad_norm": float(grad_norm), "lr": lr}
+
+    @torch.no_grad()
+    def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward only: log p(labels | context), [B, T], on every rank (not differentiable)."""
+        def loss_func(b, logits, non_loss_data=True):
+            return self._logps(logits, b["labels"])
+
+        stored = self._run([batch], loss_func, forward_only=True)
+        t = batch["input_ids"].shape[1]
+        out = stored[0][:, :t] if stored else torch.empty(batch["input_ids"].shape, device=self.topology.device)
+        return self._from_last_stage(out.float())
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def _sharded_state_dict(self, client_state: dict | None, loading: bool) -> dict:
+        state: dict[str, Any] = {}
+        for i, chunk in enumerate(self.chunks):
+            state["model" if self.vpp == 1 else f"model{i}"] = chunk.sharded_state_dict()
+        model_state = state if self.vpp > 1 else state["model"]
+        state["optimizer"] = self.optimizer.sharded_state_dict(model_state, is_loading=loading,
+                                                               metadata=_OPTIM_FORMAT)
+        state["step"] = self.step
+        state["client_state"] = client_state
+        return state
+
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
+        """megatron dist_checkpointing under ``ckpt_dir/tag/megatron``: loadable in another TP/PP layout."""
+        path = Path(ckpt_dir) / tag / "megatron"
+        if self.topology.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded_state_dict(client_state, loading=False), str(path))
+
+    def load(self, ckpt_dir: Path, tag: str) -> dict:
+        path = Path(ckpt_dir) / tag / "megatron"
+        state = dist_checkpointing.load(self._sharded_state_dict(None, loading=True), str(path))
+        for i, chunk in enumerate(self.chunks):
+            chunk.load_state_dict(state["model" if self.vpp == 1 else f"model{i}"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        return state["client_state"]
+
+    # ---- export ------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """HF-named full weights on rank 0, None elsewhere: TP shards gathered within each tensor group,
+        then each pipeline stage's tensors sent to rank 0. A collective: call on every rank."""
+        if self.topology.dp_rank != 0:
+            return None
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        stage: dict[str, torch.Tensor] = {}
+        for chunk in self.chunks:
+            for name, (layer, param) in convert.local_params(chunk).items():
+                if name == "output_layer.weight" and self.hf_config.tie_word_embeddings:
+                    continue  # the copy of the embedding the last stage keeps
+                local = param.detach().float().contiguous()
+                shards = [torch.empty_like(local) for _ in range(self.topology.tp)]
+                dist.all_gather(shards, local, group=tp_group)
+                if self.topology.tp_rank == 0:
+                    names = convert.hf_names(name, layer, self.hf_config)
+                    tensors = convert.from_megatron_shards(name, [s.cpu() for s in shards], self.hf_config)
+                    stage.update(zip(names, tensors))
+        if self.topology.tp_rank != 0:
+            return None
+        stages = [None] * self.topology.pp if self.topology.is_main else None
+        if self.topology.pp > 1:
+            dist.gather_object(stage, stages, dst=0, group=parallel_state.get_pipeline_model_parallel_group())
+        else:
+            stages = [stage]
+        if not self.topology.is_main:
+            return None
+        full = {k: v for s in stages for k, v in s.items()}
+        dtype = torch.bfloat16 if self.parallel.precision == "bf16" else torch.float32
+        return {k: v.to(dtype) for k, v in sorted(full.items())}

@@ -1,0 +1,74 @@
+"""Held-out evaluation shared by the stages: greedy-generation accuracy per task family.
+
+A response is correct when the family's verifier accepts it (the synthetic tasks, see
+``trainer.data.synthetic.verify``) or, for records of no known family, when it equals the reference
+answer exactly. Prompts are sharded over data-parallel ranks and the counts summed, so the numbers do
+not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainer.data.chat import tokenize_prompt
+from trainer.data.synthetic import TASK_FAMILIES, verify
+from trainer.parallel.topology import Topology
+from trainer.stages.common import all_reduce_sum
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _is_correct(record: dict, response: str) -> bool:
+    family = record.get("family")
+    prompt = record["messages"][-2]["content"]
+    if family in TASK_FAMILIES:
+        return verify(family, prompt, response)
+    return response.strip() == record["messages"][-1]["content"].strip()
+
+
+@torch.no_grad()
+def generation_accuracy(strategy, records: list[dict], tokenizer, topology: Topology, max_new_tokens: int,
+                        batch_size: int) -> dict[str, float]:
+    """``accuracy`` overall and ``accuracy/<family>``, plus mean generated tokens, over ``records``
+    (chat records whose last message is the reference assistant answer). A collective."""
+    families = sorted({r.get("family") or "other" for r in records})
+    mine = records[topology.dp_rank::topology.dp]
+    # Every rank runs the same number of generate calls (ZeRO-3 and TP gather inside forward).
+    calls = math.ceil(math.ceil(len(records) / topology.dp) / batch_size)
+    correct = torch.zeros(len(families), dtype=torch.float64)
+    total = torch.zeros(len(families), dtype=torch.float64)
+    tokens = torch.zeros((), dtype=torch.float64)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    strategy.eval()
+    for c in range(calls):
+        chunk = mine[c * batch_size:(c + 1) * batch_size]
+        real = len(chunk)
+        chunk = chunk or records[:1]  # a dummy call keeps this rank in step; its result is discarded
+        ids, mask = _left_pad([tokenize_prompt(tokenizer, r["messages"][:-1]) for r in chunk], pad)
+        out = strategy.generate(ids.to(topology.device), mask.to(topology.device), max_new_tokens, eos, pad)
+        for record, row in zip(chunk[:real], out[:, ids.shape[1]:].cpu().tolist()):
+            if eos in row:
+                row = row[:row.index(eos)]
+            response = tokenizer.decode(row, skip_special_tokens=True)
+            k = families.index(record.get("family") or "other")
+            correct[k] += float(_is_correct(record, response))
+            total[k] += 1
+            tokens += len(row)
+    strategy.train()
+    correct = all_reduce_sum(correct, topology.dp_group)
+    total = all_reduce_sum(total, topology.dp_group)
+    tokens = all_reduce_sum(tokens, topology.dp_group)
+    metrics = {f"accuracy/{f}": (correct[k] / total[k]).item() for k, f in enumerate(families) if total[k] > 0}
+    metrics["accuracy"] = (correct.sum() / total.sum().clamp(min=1)).item()
+    metrics["response_tokens"] = (tokens / total.sum().clamp(min=1)).item()
+    return metrics
