@@ -12,7 +12,8 @@ from trainer.cli import CONFIG_DIR, torchrun_command
 from trainer.config import ConfigError, register_configs, validate
 
 # Options whose file leaves a required (???) key for the user to fill in.
-REQUIRED = {"model/hf": ["model.path=/models/any"], "data/jsonl": ["data.train=[/data/train.jsonl]"]}
+REQUIRED = {"model/hf": ["model.path=/models/any"], "data/jsonl": ["data.train=[/data/train.jsonl]"],
+            "stage/annotate": ["stage.reward_model=/runs/x/stages/reward/hf"]}
 
 
 def _compose(overrides=()):

@@ -111,6 +111,56 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
+HELPSTEER2 = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+
+
+@dataclass
+class PreferenceStageConfig(StageConfig):
+    """DPO / IPO / RPO: L = preference_weight * mean(L_pref) + sft_weight * mean(NLL(chosen))."""
+
+    type: str = "preference"
+    loss: str = "dpo"  # dpo | ipo | rpo
+    beta: float = 0.1
+    eta: float = 1.0  # rpo: scale of the reward gap
+    rpo_distance: str = "bwd_kl"  # bwd_kl | fwd_kl | sq
+    preference_weight: float = 1.0
+    sft_weight: float = 0.0
+    # false: sequence log-probs are sums over response tokens (what DPO/RPO's beta assumes);
+    # true: per-token averages.
+    average_logps: bool = False
+    # HF directory of the reference model; null: the policy's starting model (model.path / built model).
+    reference: Optional[str] = None
+    # cached: one reference forward over the data before training, stored on disk and reused;
+    # online: keep the reference model and run it every step.
+    reference_mode: str = "cached"
+    packing: bool = False
+
+
+@dataclass
+class RewardStageConfig(StageConfig):
+    """Multi-attribute regression reward model on a CausalLM backbone."""
+
+    type: str = "reward"
+    attributes: List[str] = field(default_factory=lambda: list(HELPSTEER2))
+    # Weights that turn attribute scores into one scalar reward (saved with the model).
+    attribute_weights: List[float] = field(default_factory=lambda: [1.0, 0.0, 0.0, 0.0, 0.0])
+
+
+@dataclass
+class AnnotateStageConfig(StageConfig):
+    """Score a preference file's chosen / rejected responses with a reward model."""
+
+    type: str = "annotate"
+    reward_model: Optional[str] = None  # a reward stage's hf/ export
+    output: Optional[str] = None  # default: <run.dir>/stages/<name>/annotated.jsonl
+    # false: pairs that arrive with rewards (ground truth, e.g. a verifier) keep them.
+    overwrite_rewards: bool = False
+
+
+STAGE_SCHEMAS = {"sft": StageConfig, "preference": PreferenceStageConfig, "reward": RewardStageConfig,
+                 "annotate": AnnotateStageConfig}
+
+
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end of the stage
@@ -154,3 +204,7 @@ def register_configs() -> None:
     """Register the schema so `configs/config.yaml` can name it first in its defaults list."""
     cs = ConfigStore.instance()
     cs.store(name="stagecraft_schema", node=Config)
+    # A stage YAML names its type's schema first in its defaults (e.g. `- preference_schema`).
+    for name, node in STAGE_SCHEMAS.items():
+        if name != "sft":
+            cs.store(group="stage", name=f"{name}_schema", node=node)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from trainer.config.schema import Config
+from trainer.config.schema import STAGE_SCHEMAS, Config
 
 
 class ConfigError(ValueError):
@@ -37,9 +37,14 @@ def _get(cfg: DictConfig, key: str):
 
 def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     """Check cross-field rules; ``world_size`` adds the parallel-layout checks once it is known."""
+    _choice(cfg, "stage.type", tuple(STAGE_SCHEMAS))
     try:
-        # Hydra's `+key=value` opens the struct flag; re-merging onto the schema catches such extras.
-        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=False))
+        # Hydra's `+key=value` opens the struct flag; re-merging onto the schema (with the stage
+        # type's own schema) catches such extras.
+        plain = OmegaConf.to_container(cfg, resolve=False)
+        stage = plain.pop("stage")
+        OmegaConf.merge(OmegaConf.structured(Config), plain)
+        OmegaConf.merge({"stage": OmegaConf.structured(STAGE_SCHEMAS[cfg.stage.type])}, {"stage": stage})
     except ConfigKeyError as err:
         raise ConfigError(f"{err.full_key}: not a config key of stagecraft (see trainer/config/schema.py)") from None
     _choice(cfg, "parallel.strategy", ("deepspeed", "megatron"))
@@ -47,7 +52,6 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     _choice(cfg, "parallel.precision", ("fp32", "bf16"))
     _choice(cfg, "parallel.device", ("auto", "cpu", "cuda"))
     _choice(cfg, "parallel.backend", ("auto", "gloo", "nccl"))
-    _choice(cfg, "stage.type", ("sft",))
     _choice(cfg, "stage.loss_reduction", ("token", "sample"))
     _choice(cfg, "stage.optim.schedule", ("cosine", "constant"))
     _choice(cfg, "data.truncation", ("right", "left", "drop"))
@@ -60,6 +64,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     for key in ("stage.optim.lr", "stage.optim.grad_clip", "stage.optim.warmup_steps", "stage.neftune_alpha",
                 "stage.eval_every", "stage.eval_max_new_tokens", "checkpoint.every_steps", "checkpoint.keep_last"):
         _positive(cfg, key, allow_zero=True)
+    _validate_stage(cfg)
     if cfg.checkpoint.keep_last == 0:
         raise ConfigError("checkpoint.keep_last: must be >= 1 (the latest checkpoint is always kept)")
     if not 0.0 <= cfg.stage.optim.min_lr_ratio <= 1.0:
@@ -78,6 +83,27 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
                           "tokenizer, whose vocabulary sets its embedding size")
     if world_size is not None:
         validate_layout(cfg, world_size)
+
+
+def _validate_stage(cfg: DictConfig) -> None:
+    kind = cfg.stage.type
+    if kind == "preference":
+        _choice(cfg, "stage.loss", ("dpo", "ipo", "rpo"))
+        _choice(cfg, "stage.rpo_distance", ("bwd_kl", "fwd_kl", "sq"))
+        _choice(cfg, "stage.reference_mode", ("cached", "online"))
+        for key in ("stage.beta", "stage.eta"):
+            _positive(cfg, key)
+        for key in ("stage.preference_weight", "stage.sft_weight"):
+            _positive(cfg, key, allow_zero=True)
+    if kind == "reward":
+        if len(cfg.stage.attributes) == 0:
+            raise ConfigError("stage.attributes: name at least one attribute")
+        if len(cfg.stage.attribute_weights) != len(cfg.stage.attributes):
+            raise ConfigError(f"stage.attribute_weights: {len(cfg.stage.attribute_weights)} weights for "
+                              f"{len(cfg.stage.attributes)} stage.attributes")
+    if kind == "annotate" and not cfg.stage.reward_model:
+        raise ConfigError("stage.reward_model: the annotate step needs a reward model directory "
+                          "(a reward stage's hf/ export)")
 
 
 def data_parallel_size(cfg: DictConfig, world_size: int) -> int:

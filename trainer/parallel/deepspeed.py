@@ -131,10 +131,25 @@ class DeepSpeedStrategy:
         self.engine.eval()
 
     def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log p(labels | context) per position, [B, T]; differentiable (no_grad is the caller's)."""
-        logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             use_cache=False).logits
+        """log p(labels | context) per position, [B, T]; differentiable (no_grad is the caller's).
+
+        A packed batch (``position_ids`` restarting per sequence, no ``attention_mask``) is passed as
+        such: transformers then confines attention to each sequence (trainer.data.packing)."""
+        if "position_ids" in batch:
+            logits = self.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                 use_cache=False).logits
+        else:
+            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).logits
         return token_logps(logits, batch["labels"])
+
+    def outputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the stage's loss consumes: per-token log-probs [B, T] for a CausalLM; for a model
+        that declares ``is_reward_model`` (trainer.models.reward), its attribute scores [B, A]."""
+        if getattr(self.module, "is_reward_model", False):
+            return self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               last_index=batch["last_index"])
+        return self.token_logps(batch)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int) -> torch.Tensor:
@@ -149,7 +164,7 @@ class DeepSpeedStrategy:
                    on_micro_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches.
 
-        ``loss_fn(token_logps, batch)`` returns the micro-batch's share of the global-batch loss (the
+        ``loss_fn(outputs, batch)`` (outputs: see :meth:`outputs`) returns the micro-batch's share of the global-batch loss (the
         shares over all micro-batches and ranks sum to it). Returns the local sum of the shares as
         ``loss`` (a tensor; the stage reduces it over data-parallel ranks), the grad norm and the LR.
         """
@@ -158,7 +173,7 @@ class DeepSpeedStrategy:
         for k, batch in enumerate(batches):
             if on_micro_batch is not None:
                 on_micro_batch(k)
-            loss = loss_fn(self.token_logps(batch), batch)
+            loss = loss_fn(self.outputs(batch), batch)
             # Undo DeepSpeed's 1/accum loss scale and 1/dp gradient average (see module docstring).
             self.engine.backward(loss * (self.topology.dp * self.grad_accum))
             info = self._step() or info

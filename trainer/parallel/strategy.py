@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 
 from trainer.parallel.topology import Topology
 
-# loss_fn(token_logps [B, T], batch) -> this micro-batch's share of the global-batch loss.
+# loss_fn(outputs, batch) -> this micro-batch's share of the global-batch loss, where outputs are
+# per-token log-probs [B, T] for a CausalLM and attribute scores [B, A] for a reward model.
 LossFn = Callable[[torch.Tensor, dict], torch.Tensor]
 
 
@@ -33,7 +34,11 @@ class Strategy(Protocol):
         (tensor), "grad_norm": float, "lr": float}."""
 
     def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward only: log p(labels | context) per position, [B, T]."""
+        """Forward: log p(labels | context) per position, [B, T] (packed batches: position_ids, no
+        attention_mask)."""
+
+    def outputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward: what loss_fn receives (token log-probs, or a reward model's scores)."""
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int) -> torch.Tensor:
