@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.checkpoint import write_text_atomic
 from trainer.data.chat import tokenize_chat
 from trainer.data.records import read_jsonl, validate_chat_record
+from trainer.data.preference import synthetic_preference_records, synthetic_reward_records
 from trainer.data.synthetic import generate_chat_records, write_jsonl
 from trainer.data.tokenizer import build_embedded_tokenizer, load_tokenizer
 from trainer.parallel.topology import Topology
@@ -35,19 +36,25 @@ def build_tokenizer(cfg: DictConfig):
     return build_embedded_tokenizer(cfg.model.embedded_vocab_size, Path(cfg.data.cache_dir) / "tokenizers")
 
 
-def data_files(cfg: DictConfig, topology: Topology) -> tuple[list[Path], list[Path]]:
-    """The train / eval JSONL files; with none configured, rank 0 writes the synthetic ones."""
+# The synthetic generator of each data kind, and the file prefix it is written under.
+SYNTHETIC = {"sft": generate_chat_records, "preference": synthetic_preference_records,
+             "reward": synthetic_reward_records}
+
+
+def data_files(cfg: DictConfig, topology: Topology, kind: str = "sft") -> tuple[list[Path], list[Path]]:
+    """The train / eval JSONL files; with none configured, rank 0 writes the synthetic ``kind`` ones."""
     if cfg.data.train:
         return [Path(p) for p in cfg.data.train], [Path(p) for p in cfg.data.eval]
     syn = cfg.data.synthetic
     out = Path(cfg.run.dir) / "data"
-    train, eval_ = out / "sft_train.jsonl", out / "sft_eval.jsonl"
+    train, eval_ = out / f"{kind}_train.jsonl", out / f"{kind}_eval.jsonl"
     if topology.is_main and not (train.is_file() and eval_.is_file()):
         out.mkdir(parents=True, exist_ok=True)
         families = list(syn.families)
-        write_jsonl(train, generate_chat_records(syn.n_train, syn.seed, families))
+        generate = SYNTHETIC[kind]
+        write_jsonl(train, generate(syn.n_train, syn.seed, families))
         # A different seed stream, so held-out prompts are new draws, not the training ones.
-        write_jsonl(eval_, generate_chat_records(syn.n_eval, syn.seed + 1_000_003, families))
+        write_jsonl(eval_, generate(syn.n_eval, syn.seed + 1_000_003, families))
     topology.barrier()
     return [train], [eval_]
 
