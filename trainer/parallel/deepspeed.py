@@ -119,6 +119,23 @@ class DeepSpeedStrategy:
                 raise RuntimeError("DeepSpeed AutoTP laid out its data-parallel groups differently from the "
                                    "Topology; data shards would not match tensor-parallel groups")
 
+    def setup_inference(self, model: torch.nn.Module, micro_batch_size: int) -> None:
+        """A forward-only engine (a reference model): no optimizer; ZeRO-3 partitions the weights when
+        the run uses ZeRO-3, AutoTP shards them when tp > 1, otherwise every rank holds a copy."""
+        if self._hf_zero3 is None:
+            if self.parallel.precision == "bf16":
+                model.to(torch.bfloat16)
+            model.to(self.topology.device)
+        config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 3 if self.parallel.zero_stage == 3 else 0},
+            "bf16": {"enabled": self.parallel.precision == "bf16"}, "steps_per_print": 10**9}
+        if self.parallel.tp > 1:
+            config["tensor_parallel"] = {"autotp_size": self.parallel.tp}
+        mpu = self.topology.mpu() if self.parallel.tp == 1 else None
+        self.engine, _, _, _ = deepspeed.initialize(model=model, config=config, mpu=mpu, dist_init_required=False)
+        self.engine.eval()
+
     @property
     def module(self) -> torch.nn.Module:
         """The (wrapped-in-place) Hugging Face model."""

@@ -28,6 +28,9 @@ class Strategy(Protocol):
               total_steps: int) -> None:
         """Wrap ``model`` (float32, CPU, unsharded) with its optimizer and LR schedule."""
 
+    def setup_inference(self, model: torch.nn.Module, micro_batch_size: int) -> None:
+        """Wrap ``model`` for forward passes only (a reference model), sharded like training."""
+
     def train_step(self, batches: list[dict[str, torch.Tensor]], loss_fn: LossFn,
                    on_micro_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches; returns {"loss": local sum of shares

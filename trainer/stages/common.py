@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.checkpoint import write_text_atomic
+from trainer.checkpoint import CheckpointManager, export_hf, write_text_atomic
+from trainer.checkpoint.manager import MARKER
 from trainer.data.chat import tokenize_chat
 from trainer.data.records import read_jsonl, validate_chat_record
 from trainer.data.preference import synthetic_preference_records, synthetic_reward_records
@@ -104,3 +105,60 @@ def maybe_inject_fault(step: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(17)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def total_steps(stage: DictConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the stage: its epochs, capped by ``stage.max_steps`` when that is > 0."""
+    steps = stage.epochs * steps_per_epoch
+    return min(steps, stage.max_steps) if stage.max_steps > 0 else steps
+
+
+def resume_step(cfg: DictConfig, checkpoints: CheckpointManager, strategy) -> int:
+    """The step to start from: 0, or the step of the checkpoint ``checkpoint.resume`` selects
+    (model, optimizer, LR schedule and RNG restored)."""
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        if checkpoints.latest() is not None:
+            raise RuntimeError(f"checkpoint.resume=never but {checkpoints.dir} already holds checkpoints; "
+                               "use checkpoint.resume=auto to continue, or a new run.dir")
+        return 0
+    if resume == "auto":
+        path = checkpoints.latest()
+    else:
+        path = Path(resume)
+        if not (path / MARKER).is_file():
+            raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)")
+    if path is None:
+        return 0
+    client_state = checkpoints.load(strategy, path)
+    log.info("resumed from %s at step %d", path, client_state["step"])
+    return int(client_state["step"])
+
+
+def after_step(cfg: DictConfig, checkpoints: CheckpointManager, strategy, done: int, total: int) -> None:
+    """Periodic checkpoint (the final one is written by :func:`finish`), then the fault-injection hook."""
+    every = cfg.checkpoint.every_steps
+    if every and done % every == 0 and done < total:
+        checkpoints.save(strategy, done, {"step": done})
+    maybe_inject_fault(done)
+
+
+def finish(cfg: DictConfig, topology: Topology, strategy, checkpoints: CheckpointManager, tokenizer, logger,
+           total: int, result: dict) -> dict:
+    """Final checkpoint, HF export, the stage's COMPLETE.json. Collective."""
+    latest = checkpoints.latest()
+    if latest is None or latest.name != checkpoints.tag(total):
+        checkpoints.save(strategy, total, {"step": total})
+    out = stage_dir(cfg)
+    if cfg.checkpoint.export_hf:
+        export_hf(strategy, tokenizer, out / "hf", topology)
+        result["hf"] = str(out / "hf")
+    logger.close()
+    if topology.is_main:
+        write_stage_result(out, result)
+    topology.barrier()
+    return result

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from trainer.checkpoint import CheckpointManager, export_hf
-from trainer.checkpoint.manager import MARKER
+from trainer.checkpoint import CheckpointManager
 from trainer.data.chat import collate
 from trainer.data.sampler import GlobalBatchPlan
 from trainer.logging import MetricsLogger
@@ -29,10 +27,6 @@ from trainer.stages import common
 from trainer.stages.evaluation import generation_accuracy
 
 log = logging.getLogger(__name__)
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def micro_batch_loss(logps: torch.Tensor, batch: dict, reduction: str, global_tokens: torch.Tensor,
@@ -52,7 +46,7 @@ def evaluate(strategy, examples: list[dict], pad_id: int, micro_batch_size: int,
     nll = torch.zeros((), dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
     for i in range(0, len(mine), micro_batch_size):
-        batch = _to(collate(mine[i:i + micro_batch_size], pad_id), topology.device)
+        batch = common.to_device(collate(mine[i:i + micro_batch_size], pad_id), topology.device)
         logps = strategy.token_logps(batch)
         nll -= (logps * batch["loss_mask"]).sum().double().cpu()
         mask_tokens = batch["loss_mask"].sum()
@@ -80,9 +74,7 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
     evals, _ = common.tokenized_chat_dataset(eval_files, tokenizer, cfg.data)
     log.info("train data: %s", train_stats)
     plan = GlobalBatchPlan(len(train), stage.global_batch_size, stage.micro_batch_size, topology.dp, cfg.run.seed)
-    total_steps = stage.epochs * plan.steps_per_epoch
-    if stage.max_steps > 0:
-        total_steps = min(total_steps, stage.max_steps)
+    total_steps = common.total_steps(stage, plan.steps_per_epoch)
 
     strategy = build_strategy(cfg.parallel, topology)
     with strategy.model_init_context(stage.micro_batch_size, plan.grad_accum, cfg.model.path is not None):
@@ -91,7 +83,7 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
     neftune = NEFTune(model, stage.neftune_alpha) if stage.neftune_alpha > 0 else None
     strategy.setup(model, stage.optim, stage.micro_batch_size, plan.grad_accum, total_steps)
     checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, topology)
-    start_step = _resume(cfg, checkpoints, strategy)
+    start_step = common.resume_step(cfg, checkpoints, strategy)
     logger = MetricsLogger(out, cfg, stage.name, total_steps, start_step, enabled=topology.is_main)
     pad_id = tokenizer.pad_token_id
 
@@ -99,7 +91,7 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
     strategy.train()
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
-        batches = [_to(collate([train[i] for i in ids], pad_id), topology.device)
+        batches = [common.to_device(collate([train[i] for i in ids], pad_id), topology.device)
                    for ids in plan.micro_batches(step, topology.dp_rank)]
         local_targets = sum(b["loss_mask"].sum() for b in batches)
         local_inputs = sum(b["attention_mask"].sum() for b in batches)
@@ -119,14 +111,9 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
         if stage.eval_every and done % stage.eval_every == 0 and done < total_steps:
             metrics.update(evaluate(strategy, evals, pad_id, stage.micro_batch_size, topology))
         logger.log(done, metrics)
-        every = cfg.checkpoint.every_steps
-        if every and done % every == 0 and done < total_steps:
-            checkpoints.save(strategy, done, {"step": done})
-        common.maybe_inject_fault(done)
+        common.after_step(cfg, checkpoints, strategy, done, total_steps)
 
     # ---- finish ----------------------------------------------------------------------------------
-    if checkpoints.latest() is None or checkpoints.latest().name != checkpoints.tag(total_steps):
-        checkpoints.save(strategy, total_steps, {"step": total_steps})
     result = {"stage": stage.name, "type": "sft", "steps": total_steps, "train_data": train_stats}
     if evals:
         result.update(evaluate(strategy, evals, pad_id, stage.micro_batch_size, topology))
@@ -136,36 +123,6 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
                                            stage.micro_batch_size)
             result.update({f"eval_{k}": v for k, v in accuracy.items()})
         logger.log(total_steps, {k: v for k, v in result.items() if k.startswith("eval_")})
-    if cfg.checkpoint.export_hf:
-        export_hf(strategy, tokenizer, out / "hf", topology)
-        result["hf"] = str(out / "hf")
-    logger.close()
     if neftune is not None:
         neftune.remove()
-    if topology.is_main:
-        common.write_stage_result(out, result)
-    topology.barrier()
-    return result
-
-
-def _resume(cfg: DictConfig, checkpoints: CheckpointManager, strategy) -> int:
-    """The step to start from: 0, or the step of the checkpoint ``checkpoint.resume`` selects."""
-    resume = cfg.checkpoint.resume
-    if resume == "never":
-        if checkpoints.latest() is not None:
-            raise RuntimeError(f"checkpoint.resume=never but {checkpoints.dir} already holds checkpoints; "
-                               "use checkpoint.resume=auto to continue, or a new run.dir")
-        return 0
-    path = checkpoints.latest() if resume == "auto" else _explicit(resume)
-    if path is None:
-        return 0
-    client_state = checkpoints.load(strategy, path)
-    log.info("resumed from %s at step %d", path, client_state["step"])
-    return int(client_state["step"])
-
-
-def _explicit(resume: str) -> Path:
-    path = Path(resume)
-    if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)")
-    return path
+    return common.finish(cfg, topology, strategy, checkpoints, tokenizer, logger, total_steps, result)

@@ -1,0 +1,233 @@
+"""Preference optimisation: DPO, IPO and Nemotron-4's RPO, with an optional SFT term on the chosen side.
+
+    L = preference_weight * mean_pairs(L_pref) + sft_weight * mean_pairs(NLL(chosen))
+
+over the GLOBAL batch of pairs: each micro-batch contributes ``sum over its pairs / global pairs``, so
+the update does not depend on how pairs are split over ranks and micro-batches. Chosen and rejected of
+every pair go through the model in one forward (rows c_0..c_{n-1}, r_0..r_{n-1}, or packed rows).
+
+The reference model's log-probs come from the on-disk cache (trainer.stages.reference), computed in one
+sharded pass before training when missing; ``stage.reference_mode=online`` keeps the reference model
+and runs it on every micro-batch instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.checkpoint import CheckpointManager
+from trainer.data.packing import pack_pairs
+from trainer.data.preference import collate_pairs, tokenize_pair, validate_preference_record
+from trainer.data.records import read_jsonl
+from trainer.data.sampler import GlobalBatchPlan
+from trainer.logging import MetricsLogger
+from trainer.losses import dpo_loss, ipo_loss, preference_loss, preference_metrics, rpo_loss
+from trainer.models import build_model, count_parameters
+from trainer.parallel.strategy import build_strategy
+from trainer.parallel.topology import Topology
+from trainer.stages import common, reference
+
+log = logging.getLogger(__name__)
+
+# Per-pair preference losses by name; each takes (pi_c, pi_r, ref_c, ref_r, batch, stage).
+PREFERENCE_LOSSES = {
+    "dpo": lambda pi_c, pi_r, ref_c, ref_r, batch, s: dpo_loss(pi_c, pi_r, ref_c, ref_r, s.beta),
+    "ipo": lambda pi_c, pi_r, ref_c, ref_r, batch, s: ipo_loss(pi_c, pi_r, ref_c, ref_r, s.beta),
+    "rpo": lambda pi_c, pi_r, ref_c, ref_r, batch, s: rpo_loss(
+        pi_c, pi_r, ref_c, ref_r, batch["chosen_reward"], batch["rejected_reward"], s.beta, s.eta,
+        s.rpo_distance),
+}
+METRICS = ("pref_loss", "sft_loss", "reward_accuracy", "margin", "reward_chosen", "reward_rejected",
+           "logps_chosen", "logps_rejected", "target_gap")
+
+
+def micro_batch_loss(logps: torch.Tensor, batch: dict, stage: DictConfig, global_pairs: int,
+                     sums: dict[str, torch.Tensor]) -> torch.Tensor:
+    """This micro-batch's share of the global-batch loss; adds its per-pair metric sums to ``sums``."""
+    pi_c, pi_r, _, _ = reference.pair_logps(logps, batch, stage.average_logps)
+    ref_c, ref_r = batch["ref_chosen"].to(pi_c.dtype), batch["ref_rejected"].to(pi_c.dtype)
+    pref = PREFERENCE_LOSSES[stage.loss](pi_c, pi_r, ref_c, ref_r, batch, stage)
+    sft_nll = -pi_c  # NLL of the chosen response, summed or averaged over its tokens like the log-probs
+    n = pi_c.shape[0]
+    share = preference_loss(pref, sft_nll, stage.preference_weight, stage.sft_weight) * (n / global_pairs)
+    with torch.no_grad():
+        parts = preference_metrics(pi_c, pi_r, ref_c, ref_r, stage.beta)
+        parts["reward_accuracy"] = parts.pop("accuracy")
+        parts.update(pref_loss=pref, sft_loss=sft_nll, logps_chosen=pi_c, logps_rejected=pi_r)
+        if "chosen_reward" in batch:
+            parts["target_gap"] = stage.eta * (batch["chosen_reward"] - batch["rejected_reward"])
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0) + value.detach().double().sum().cpu()
+    return share
+
+
+def _load_pairs(files: list[Path], tokenizer, cfg: DictConfig) -> tuple[list[dict], dict]:
+    pairs, stats = [], {"records": 0, "skipped_bad": 0, "dropped_length": 0}
+    for path in files:
+        records, skipped = read_jsonl(path, validate_preference_record, cfg.data.on_bad_record)
+        stats["skipped_bad"] += skipped
+        for record in records:
+            stats["records"] += 1
+            pair = tokenize_pair(tokenizer, record, cfg.data.max_length + 1, cfg.data.truncation)
+            if pair is None:
+                stats["dropped_length"] += 1
+            else:
+                pairs.append(pair)
+    if cfg.stage.loss == "rpo":
+        missing = sum(p["chosen_reward"] is None for p in pairs)
+        if missing:
+            raise ValueError(f"stage.loss=rpo needs chosen_reward / rejected_reward on every pair; {missing} of "
+                             f"{len(pairs)} pairs in {', '.join(map(str, files))} have none (run stage=annotate)")
+    return pairs, stats
+
+
+def _reference_model_cfg(cfg: DictConfig) -> DictConfig:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if cfg.stage.reference is not None:
+        model["path"] = cfg.stage.reference
+    return OmegaConf.create(model)
+
+
+def _reference_strategy(cfg: DictConfig, topology: Topology, vocab_size: int):
+    ref_cfg = _reference_model_cfg(cfg)
+    strategy = build_strategy(cfg.parallel, topology)
+    with strategy.model_init_context(cfg.stage.micro_batch_size, 1, ref_cfg.path is not None):
+        model = build_model(ref_cfg, vocab_size, cfg.run.seed)
+    strategy.setup_inference(model, cfg.stage.micro_batch_size)
+    return strategy
+
+
+def _cached_reference(cfg: DictConfig, topology: Topology, tokenizer, splits: dict[str, tuple[list, list[Path]]]
+                      ) -> int:
+    """Attach cached reference log-probs to every split's pairs, computing missing tables in one pass.
+    Returns the number of pairs this run forwarded through the reference (all ranks)."""
+    ref_cfg = _reference_model_cfg(cfg)
+    cache_dir = Path(cfg.data.cache_dir)
+    model_key = reference.model_fingerprint(ref_cfg, len(tokenizer), cfg.run.seed, cache_dir)
+    tok_key = reference.tokenizer_fingerprint(tokenizer)
+    tables, missing = {}, []
+    for name, (pairs, files) in splits.items():
+        path = reference.cache_path(files, model_key, tok_key, cfg.data)
+        tables[name] = (path, reference.load_table(path, len(pairs)))
+        if tables[name][1] is None:
+            missing.append(name)
+    forwarded = torch.zeros((), dtype=torch.float64)
+    if missing:
+        strategy = _reference_strategy(cfg, topology, len(tokenizer))
+        for name in missing:
+            path = tables[name][0]
+            table, count = reference.compute_reference_table(strategy, splits[name][0], tokenizer.pad_token_id,
+                                                             cfg.stage.micro_batch_size, topology)
+            forwarded += count
+            if topology.is_main:
+                reference.save_table(path, table)
+                log.info("reference log-probs for %s cached in %s", name, path)
+            tables[name] = (path, table)
+        del strategy
+        gc.collect()
+    for name, (pairs, _) in splits.items():
+        reference.attach(pairs, tables[name][1], cfg.stage.average_logps)
+    return int(common.all_reduce_sum(forwarded, topology.dp_group).item())
+
+
+@torch.no_grad()
+def evaluate(strategy, pairs: list[dict], pad_id: int, stage: DictConfig, topology: Topology) -> dict:
+    """Held-out pairs: implicit-reward accuracy against the reference, and whether the policy alone
+    ranks chosen above rejected by mean token log-prob (comparable across stages)."""
+    if not pairs:
+        return {}
+    strategy.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for i in range(topology.dp_rank * stage.micro_batch_size, len(pairs), topology.dp * stage.micro_batch_size):
+        batch = common.to_device(collate_pairs(pairs[i:i + stage.micro_batch_size], pad_id), topology.device)
+        pi_c, pi_r, n_c, n_r = reference.pair_logps(strategy.token_logps(batch), batch, stage.average_logps)
+        metrics = preference_metrics(pi_c, pi_r, batch["ref_chosen"], batch["ref_rejected"], stage.beta)
+        ranked = ((pi_c / n_c.clamp(min=1)) > (pi_r / n_r.clamp(min=1))) if not stage.average_logps else pi_c > pi_r
+        sums += torch.stack([metrics["accuracy"].sum(), ranked.double().sum(), metrics["margin"].sum()]).double().cpu()
+    strategy.train()
+    sums = common.all_reduce_sum(sums, topology.dp_group) / len(pairs)
+    return {"eval_reward_accuracy": sums[0].item(), "eval_preference_accuracy": sums[1].item(),
+            "eval_margin": sums[2].item()}
+
+
+def run(cfg: DictConfig, topology: Topology) -> dict:
+    stage = cfg.stage
+    out = common.stage_dir(cfg)
+    finished = common.read_stage_result(out)
+    if finished is not None and cfg.checkpoint.resume == "auto":
+        log.info("stage %s already complete in %s; skipping", stage.name, out)
+        return finished
+
+    # ---- setup -----------------------------------------------------------------------------------
+    if topology.is_main:
+        common.save_config(cfg, out)
+    tokenizer = common.build_tokenizer(cfg)
+    pad_id = tokenizer.pad_token_id
+    train_files, eval_files = common.data_files(cfg, topology, "preference")
+    train, train_stats = _load_pairs(train_files, tokenizer, cfg)
+    evals, _ = _load_pairs(eval_files, tokenizer, cfg) if eval_files else ([], {})
+    splits = {"train": (train, train_files), **({"eval": (evals, eval_files)} if evals else {})}
+    online = stage.reference_mode == "online"
+    ref_forwards = 0
+    if online:
+        ref_strategy = _reference_strategy(cfg, topology, len(tokenizer))
+        if evals:
+            table, ref_forwards = reference.compute_reference_table(ref_strategy, evals, pad_id,
+                                                                    stage.micro_batch_size, topology)
+            reference.attach(evals, table, stage.average_logps)
+    else:
+        ref_forwards = _cached_reference(cfg, topology, tokenizer, splits)
+    plan = GlobalBatchPlan(len(train), stage.global_batch_size, stage.micro_batch_size, topology.dp, cfg.run.seed)
+    total_steps = common.total_steps(stage, plan.steps_per_epoch)
+
+    strategy = build_strategy(cfg.parallel, topology)
+    with strategy.model_init_context(stage.micro_batch_size, plan.grad_accum, cfg.model.path is not None):
+        model = build_model(cfg.model, len(tokenizer), cfg.run.seed)
+    log.info("policy: %s, %.2fM parameters", type(model).__name__, count_parameters(model) / 1e6)
+    strategy.setup(model, stage.optim, stage.micro_batch_size, plan.grad_accum, total_steps)
+    checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, topology)
+    start_step = common.resume_step(cfg, checkpoints, strategy)
+    logger = MetricsLogger(out, cfg, stage.name, total_steps, start_step, enabled=topology.is_main)
+    before = evaluate(strategy, evals, pad_id, stage, topology)
+    make_batch = (functools.partial(pack_pairs, max_length=cfg.data.max_length, pad_id=pad_id) if stage.packing
+                  else functools.partial(collate_pairs, pad_id=pad_id))
+
+    # ---- train -----------------------------------------------------------------------------------
+    strategy.train()
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        batches = [common.to_device(make_batch([train[i] for i in ids]), topology.device)
+                   for ids in plan.micro_batches(step, topology.dp_rank)]
+        if online:
+            with torch.no_grad():
+                for batch in batches:
+                    batch["ref_chosen"], batch["ref_rejected"], _, _ = reference.pair_logps(
+                        ref_strategy.token_logps(batch), batch, stage.average_logps)
+                    ref_forwards += batch["ref_chosen"].shape[0] * topology.dp
+        sums: dict[str, torch.Tensor] = {}
+        info = strategy.train_step(batches, lambda logps, batch: micro_batch_loss(
+            logps, batch, stage, stage.global_batch_size, sums))
+        tokens = common.all_reduce_sum(sum(b["loss_mask"].sum() for b in batches), topology.dp_group).item()
+        metrics = {key: (common.all_reduce_sum(sums[key], topology.dp_group) / stage.global_batch_size).item()
+                   for key in METRICS if key in sums}
+        metrics.update({**info, "loss": common.all_reduce_sum(info["loss"], topology.dp_group).item(),
+                        "response_tokens_per_s": tokens / (time.perf_counter() - t0),
+                        "epoch": step // plan.steps_per_epoch})
+        done = step + 1
+        logger.log(done, metrics)
+        common.after_step(cfg, checkpoints, strategy, done, total_steps)
+
+    # ---- finish ----------------------------------------------------------------------------------
+    after = evaluate(strategy, evals, pad_id, stage, topology)
+    result = {"stage": stage.name, "type": "preference", "loss": stage.loss, "steps": total_steps,
+              "train_data": train_stats, "reference_forward_pairs": ref_forwards,
+              **{f"before_{k}": v for k, v in before.items()}, **after}
+    logger.log(total_steps, after)
+    return common.finish(cfg, topology, strategy, checkpoints, tokenizer, logger, total_steps, result)

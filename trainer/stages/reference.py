@@ -1,0 +1,136 @@
+"""Reference-model log-probabilities for preference stages: computed once, cached on disk, reused.
+
+Before a DPO/IPO/RPO stage trains, the reference model runs one forward pass over the preference data,
+sharded across data-parallel ranks; the per-pair response log-probs (sums and token counts) are
+summed into a full table on every rank and stored next to the data under a key of (reference model
+fingerprint, data bytes, tokenizer, max length, truncation). Later epochs, resumed runs and later runs
+on the same data read the table and never build the reference model at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.data.packing import segment_sum
+from trainer.data.preference import collate_pairs
+from trainer.parallel.topology import Topology
+from trainer.stages.common import all_reduce_sum, to_device
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def _sha256_file(path: Path, cache_dir: Path) -> str:
+    """Content hash of a (possibly huge) weight file, memoised by (path, size, mtime)."""
+    stat = path.stat()
+    memo_key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    memo = cache_dir / "file-hashes" / memo_key
+    if memo.is_file():
+        return memo.read_text()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+    tmp.write_text(digest.hexdigest())
+    os.replace(tmp, memo)
+    return digest.hexdigest()
+
+
+def model_fingerprint(model_cfg: DictConfig, vocab_size: int, seed: int, cache_dir: Path) -> str:
+    """Identifies the reference weights: the files of a local checkpoint, or (arch, config, vocab,
+    seed) for a model built from config, whose seeded init is deterministic."""
+    if model_cfg.path is None:
+        spec = {"arch": model_cfg.arch, "config": OmegaConf.to_container(model_cfg.config, resolve=True),
+                "vocab_size": vocab_size, "seed": seed}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    root = Path(model_cfg.path)
+    parts = [(p.name, _sha256_file(p, cache_dir)) for p in sorted(root.iterdir())
+             if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else str(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256((backend + str(tokenizer.chat_template)).encode()).hexdigest()
+
+
+def cache_path(data_files: list[Path], model_key: str, tokenizer_key: str, data_cfg: DictConfig) -> Path:
+    digest = hashlib.sha256()
+    for path in data_files:
+        digest.update(Path(path).read_bytes())
+    key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "model": model_key, "tokenizer": tokenizer_key,
+                                     "data": digest.hexdigest(), "max_length": data_cfg.max_length,
+                                     "truncation": data_cfg.truncation}).encode()).hexdigest()[:32]
+    return Path(data_files[0]).parent / ".stagecraft" / f"reflogps-{key}.pt"
+
+
+def pair_logps(logps: torch.Tensor, batch: dict[str, torch.Tensor], average: bool) -> tuple[torch.Tensor, ...]:
+    """Per-pair response log-probs (chosen [n], rejected [n]) and token counts from token log-probs of a
+    batch laid out by collate_pairs (rows c_0..c_{n-1}, r_0..r_{n-1}) or pack_pairs (``seq_id``)."""
+    mask = batch["loss_mask"].to(logps.dtype)
+    if "seq_id" in batch:
+        num = int(batch["num_sequences"])
+        sums, counts = segment_sum(logps * mask, batch["seq_id"], num), segment_sum(mask, batch["seq_id"], num)
+    else:
+        sums, counts = (logps * mask).sum(-1), mask.sum(-1)
+    if average:
+        sums = sums / counts.clamp(min=1)
+    n = sums.shape[0] // 2
+    return sums[:n], sums[n:], counts[:n], counts[n:]
+
+
+@torch.no_grad()
+def compute_reference_table(strategy, pairs: list[dict], pad_id: int, batch_size: int,
+                            topology: Topology) -> tuple[torch.Tensor, int]:
+    """[N, 4] table (chosen sum, rejected sum, chosen tokens, rejected tokens) on every rank, and the
+    number of pairs this rank forwarded. A collective: every rank makes the same number of forwards."""
+    table = torch.zeros(len(pairs), 4, dtype=torch.float64)
+    mine = list(range(topology.dp_rank, len(pairs), topology.dp))
+    calls = math.ceil(math.ceil(len(pairs) / topology.dp) / batch_size)
+    forwarded = 0
+    for c in range(calls):
+        ids = mine[c * batch_size:(c + 1) * batch_size]
+        batch = to_device(collate_pairs([pairs[i] for i in (ids or [0])], pad_id), topology.device)
+        chosen, rejected, n_c, n_r = pair_logps(strategy.token_logps(batch), batch, average=False)
+        if ids:
+            table[ids] = torch.stack([chosen, rejected, n_c, n_r], dim=1).double().cpu()
+            forwarded += len(ids)
+    # Each pair was computed by exactly one data-parallel rank; tensor-parallel peers hold the same rows.
+    return all_reduce_sum(table, topology.dp_group), forwarded
+
+
+def load_table(path: Path, num_pairs: int) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    table = torch.load(path, weights_only=True)
+    if table.shape != (num_pairs, 4):
+        log.warning("ignoring reference cache %s: shape %s, expected (%d, 4)", path, tuple(table.shape), num_pairs)
+        return None
+    return table
+
+
+def save_table(path: Path, table: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(table, tmp)
+    os.replace(tmp, path)
+
+
+def attach(pairs: list[dict], table: torch.Tensor, average: bool) -> None:
+    """Store each pair's reference log-probs on it ("ref_chosen", "ref_rejected"), summed or averaged
+    like the policy's."""
+    chosen, rejected = table[:, 0], table[:, 1]
+    if average:
+        chosen, rejected = chosen / table[:, 2].clamp(min=1), rejected / table[:, 3].clamp(min=1)
+    for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
+        pair["ref_chosen"], pair["ref_rejected"] = c, r
