@@ -56,6 +56,11 @@ def test_default_is_the_embedded_tiny_model_on_synthetic_data():
     (["parallel.offload_optimizer=true"], "parallel.offload_optimizer"),
     (["stage.micro_batch_size=0"], "stage.micro_batch_size"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+    (["stage=dpo", "stage.loss=kto"], "stage.loss"),
+    (["stage=rpo", "stage.rpo_distance=js"], "stage.rpo_distance"),
+    (["stage=dpo", "stage.beta=0"], "stage.beta"),
+    (["stage=dpo", "stage.reference_mode=lazy"], "stage.reference_mode"),
+    (["stage=reward", "stage.attribute_weights=[1.0]"], "stage.attribute_weights"),
 ])
 def test_invalid_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match="^" + re.escape(key) + ":"):
@@ -86,3 +91,12 @@ def test_launcher_reexecutes_with_the_same_overrides():
     cfg = _compose(["cluster=local2", "parallel=zero2"])
     cmd = torchrun_command(cfg, ["cluster=local2", "parallel=zero2"])
     assert "--nproc_per_node=2" in cmd and cmd[-3:] == ["cluster=local2", "parallel=zero2", "hydra.output_subdir=null"]
+
+
+def test_stage_types_carry_their_own_schema():
+    dpo = _compose(["stage=dpo"])
+    assert dpo.stage.type == "preference" and dpo.stage.loss == "dpo" and dpo.stage.reference_mode == "cached"
+    with pytest.raises(ConfigCompositionException, match="stage.beta"):
+        _compose(["stage=sft", "stage.beta=0.1"])  # an SFT stage has no beta
+    with pytest.raises(ConfigError, match=r"^stage\.reward_model:"):
+        validate(_compose(["stage=annotate", "stage.reward_model=''"]))
