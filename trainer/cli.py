@@ -9,14 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import register_configs, validate
+from trainer.config import CONFIG_DIR, register_configs, validate
 
-CONFIG_DIR = os.environ.get("STAGECRAFT_CONFIG_DIR", str(Path(__file__).resolve().parents[1] / "configs"))
 log = logging.getLogger("stagecraft")
 
 
@@ -38,6 +36,10 @@ def run_worker(cfg: DictConfig) -> dict:
     topology = Topology.initialize(cfg.parallel)
     try:
         validate(cfg, topology.world_size)
+        if cfg.recipe is not None:
+            from trainer.recipe import run_recipe
+
+            return run_recipe(cfg, topology)
         return get_stage(cfg.stage.type)(cfg, topology)
     finally:
         topology.destroy()
@@ -60,7 +62,7 @@ def _main(cfg: DictConfig) -> None:
         return
     result = run_worker(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
-        log.info("stage result: %s", OmegaConf.to_yaml(OmegaConf.create(result)))
+        log.info("result: %s", OmegaConf.to_yaml(OmegaConf.create(result)))
 
 
 def main() -> None:

@@ -189,6 +189,73 @@ class LoggingConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """A named data source of a recipe: JSONL files, or the synthetic generator for some task families."""
+
+    kind: str = "sft"  # sft | preference | reward: the record format
+    train: List[str] = field(default_factory=list)
+    eval: List[str] = field(default_factory=list)
+    families: List[str] = field(default_factory=list)  # synthetic: task families (when train is empty)
+    n_train: int = 1024
+    n_eval: int = 64
+    seed: int = 0
+
+
+@dataclass
+class MixConfig:
+    source: str = "???"
+    weight: float = 1.0
+
+
+@dataclass
+class RecipeStageConfig:
+    name: str = "???"
+    stage: str = "sft"  # a file of configs/stage/ the stage starts from
+    # Keys of that stage config to change, e.g. {epochs: 3, optim: {lr: 3e-7}}.
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    # Weighted data sources; the largest weight's source is used whole, the others are sampled to
+    # their share of it (e.g. 0.98 general + 0.02 code: 2 % code replay).
+    data: List[MixConfig] = field(default_factory=list)
+    # Where the policy starts: `previous` (the last stage's export), `base` (the recipe's model), a
+    # stage name, or a path. Iteration k of a repeated stage starts from iteration k-1.
+    init: str = "previous"
+    # Preference stages: the reference model, same choices as `init`.
+    reference: str = "previous"
+    repeat: int = 1
+
+
+@dataclass
+class RecipeEvalConfig:
+    enabled: bool = True
+    # Sources whose eval split is measured after every stage: generation accuracy for sft sources,
+    # preference ranking accuracy for preference sources.
+    sources: List[str] = field(default_factory=list)
+    max_new_tokens: int = 24
+    batch_size: int = 16
+
+
+@dataclass
+class ClaimConfig:
+    """An effect the recipe claims, checked against measured numbers in the report (never assumed)."""
+
+    description: str = "???"
+    metric: str = "???"  # an eval metric, e.g. code/accuracy
+    stage: str = "???"  # measured after this stage ...
+    baseline: str = "base"  # ... against this one (base: the starting model)
+    expect: str = "higher"  # higher | close
+    tolerance: float = 0.05  # close: |stage - baseline| <= tolerance
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "???"
+    sources: Dict[str, DataSourceConfig] = field(default_factory=dict)
+    stages: List[RecipeStageConfig] = field(default_factory=list)
+    eval: RecipeEvalConfig = field(default_factory=RecipeEvalConfig)
+    claims: List[ClaimConfig] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -198,6 +265,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # null: run the one `stage`; set (`recipe=demo`): run the recipe's stages in order.
+    recipe: Optional[RecipeConfig] = None
 
 
 def register_configs() -> None:

@@ -101,6 +101,8 @@ def _validate_stage(cfg: DictConfig) -> None:
         if len(cfg.stage.attribute_weights) != len(cfg.stage.attributes):
             raise ConfigError(f"stage.attribute_weights: {len(cfg.stage.attribute_weights)} weights for "
                               f"{len(cfg.stage.attributes)} stage.attributes")
+    if kind == "annotate" and cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp > 1:
+        raise ConfigError("parallel.tp: annotate runs a whole reward-model replica per rank; use tp=pp=cp=1")
     if kind == "annotate" and not cfg.stage.reward_model:
         raise ConfigError("stage.reward_model: the annotate step needs a reward model directory "
                           "(a reward stage's hf/ export)")
@@ -122,6 +124,8 @@ def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
 
 def validate_layout(cfg: DictConfig, world_size: int) -> None:
     dp = data_parallel_size(cfg, world_size)
+    if cfg.stage.type == "annotate":  # no optimizer steps, so no global batch to tile
+        return
     s = cfg.stage
     per_step = s.micro_batch_size * dp
     if s.global_batch_size % per_step:

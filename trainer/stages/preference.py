@@ -105,14 +105,14 @@ def _reference_strategy(cfg: DictConfig, topology: Topology, vocab_size: int):
 
 
 def _cached_reference(cfg: DictConfig, topology: Topology, tokenizer, splits: dict[str, tuple[list, list[Path]]]
-                      ) -> int:
+                      ) -> tuple[int, dict[str, torch.Tensor]]:
     """Attach cached reference log-probs to every split's pairs, computing missing tables in one pass.
-    Returns the number of pairs this run forwarded through the reference (all ranks)."""
+    Returns the number of pairs this run forwarded through the reference (all ranks) and the tables."""
     ref_cfg = _reference_model_cfg(cfg)
     cache_dir = Path(cfg.data.cache_dir)
     model_key = reference.model_fingerprint(ref_cfg, len(tokenizer), cfg.run.seed, cache_dir)
     tok_key = reference.tokenizer_fingerprint(tokenizer)
-    tables, missing = {}, []
+    tables, missing = {}, []  # split -> (cache path, [N, 4] table or None)
     for name, (pairs, files) in splits.items():
         path = reference.cache_path(files, model_key, tok_key, cfg.data)
         tables[name] = (path, reference.load_table(path, len(pairs)))
@@ -123,7 +123,7 @@ def _cached_reference(cfg: DictConfig, topology: Topology, tokenizer, splits: di
         strategy = _reference_strategy(cfg, topology, len(tokenizer))
         for name in missing:
             path = tables[name][0]
-            table, count = reference.compute_reference_table(strategy, splits[name][0], tokenizer.pad_token_id,
+            table, count = reference.pair_logps_table(strategy, splits[name][0], tokenizer.pad_token_id,
                                                              cfg.stage.micro_batch_size, topology)
             forwarded += count
             if topology.is_main:
@@ -134,27 +134,20 @@ def _cached_reference(cfg: DictConfig, topology: Topology, tokenizer, splits: di
         gc.collect()
     for name, (pairs, _) in splits.items():
         reference.attach(pairs, tables[name][1], cfg.stage.average_logps)
-    return int(common.all_reduce_sum(forwarded, topology.dp_group).item())
+    forwarded = int(common.all_reduce_sum(forwarded, topology.dp_group).item())
+    return forwarded, {name: table for name, (_, table) in tables.items()}
 
 
-@torch.no_grad()
-def evaluate(strategy, pairs: list[dict], pad_id: int, stage: DictConfig, topology: Topology) -> dict:
-    """Held-out pairs: implicit-reward accuracy against the reference, and whether the policy alone
-    ranks chosen above rejected by mean token log-prob (comparable across stages)."""
+def evaluate(strategy, pairs: list[dict], ref_table: torch.Tensor | None, pad_id: int, stage: DictConfig,
+             topology: Topology) -> dict:
+    """Held-out pairs: ranking accuracy of the policy alone, implicit-reward accuracy and margin
+    (summed log-probs, unscaled by beta) against the reference."""
     if not pairs:
         return {}
     strategy.eval()
-    sums = torch.zeros(3, dtype=torch.float64)
-    for i in range(topology.dp_rank * stage.micro_batch_size, len(pairs), topology.dp * stage.micro_batch_size):
-        batch = common.to_device(collate_pairs(pairs[i:i + stage.micro_batch_size], pad_id), topology.device)
-        pi_c, pi_r, n_c, n_r = reference.pair_logps(strategy.token_logps(batch), batch, stage.average_logps)
-        metrics = preference_metrics(pi_c, pi_r, batch["ref_chosen"], batch["ref_rejected"], stage.beta)
-        ranked = ((pi_c / n_c.clamp(min=1)) > (pi_r / n_r.clamp(min=1))) if not stage.average_logps else pi_c > pi_r
-        sums += torch.stack([metrics["accuracy"].sum(), ranked.double().sum(), metrics["margin"].sum()]).double().cpu()
+    table, _ = reference.pair_logps_table(strategy, pairs, pad_id, stage.micro_batch_size, topology)
     strategy.train()
-    sums = common.all_reduce_sum(sums, topology.dp_group) / len(pairs)
-    return {"eval_reward_accuracy": sums[0].item(), "eval_preference_accuracy": sums[1].item(),
-            "eval_margin": sums[2].item()}
+    return reference.ranking_metrics(table, ref_table)
 
 
 def run(cfg: DictConfig, topology: Topology) -> dict:
@@ -175,15 +168,16 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
     evals, _ = _load_pairs(eval_files, tokenizer, cfg) if eval_files else ([], {})
     splits = {"train": (train, train_files), **({"eval": (evals, eval_files)} if evals else {})}
     online = stage.reference_mode == "online"
-    ref_forwards = 0
+    ref_forwards, ref_eval = 0, None
     if online:
         ref_strategy = _reference_strategy(cfg, topology, len(tokenizer))
         if evals:
-            table, ref_forwards = reference.compute_reference_table(ref_strategy, evals, pad_id,
-                                                                    stage.micro_batch_size, topology)
-            reference.attach(evals, table, stage.average_logps)
+            ref_eval, count = reference.pair_logps_table(ref_strategy, evals, pad_id, stage.micro_batch_size,
+                                                         topology)
+            ref_forwards = int(common.all_reduce_sum(torch.tensor(float(count)), topology.dp_group).item())
     else:
-        ref_forwards = _cached_reference(cfg, topology, tokenizer, splits)
+        ref_forwards, tables = _cached_reference(cfg, topology, tokenizer, splits)
+        ref_eval = tables.get("eval")
     plan = GlobalBatchPlan(len(train), stage.global_batch_size, stage.micro_batch_size, topology.dp, cfg.run.seed)
     total_steps = common.total_steps(stage, plan.steps_per_epoch)
 
@@ -195,7 +189,7 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
     checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, topology)
     start_step = common.resume_step(cfg, checkpoints, strategy)
     logger = MetricsLogger(out, cfg, stage.name, total_steps, start_step, enabled=topology.is_main)
-    before = evaluate(strategy, evals, pad_id, stage, topology)
+    before = evaluate(strategy, evals, ref_eval, pad_id, stage, topology)
     make_batch = (functools.partial(pack_pairs, max_length=cfg.data.max_length, pad_id=pad_id) if stage.packing
                   else functools.partial(collate_pairs, pad_id=pad_id))
 
@@ -225,7 +219,7 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
         common.after_step(cfg, checkpoints, strategy, done, total_steps)
 
     # ---- finish ----------------------------------------------------------------------------------
-    after = evaluate(strategy, evals, pad_id, stage, topology)
+    after = evaluate(strategy, evals, ref_eval, pad_id, stage, topology)
     result = {"stage": stage.name, "type": "preference", "loss": stage.loss, "steps": total_steps,
               "train_data": train_stats, "reference_forward_pairs": ref_forwards,
               **{f"before_{k}": v for k, v in before.items()}, **after}

@@ -90,10 +90,11 @@ def pair_logps(logps: torch.Tensor, batch: dict[str, torch.Tensor], average: boo
 
 
 @torch.no_grad()
-def compute_reference_table(strategy, pairs: list[dict], pad_id: int, batch_size: int,
+def pair_logps_table(strategy, pairs: list[dict], pad_id: int, batch_size: int,
                             topology: Topology) -> tuple[torch.Tensor, int]:
-    """[N, 4] table (chosen sum, rejected sum, chosen tokens, rejected tokens) on every rank, and the
-    number of pairs this rank forwarded. A collective: every rank makes the same number of forwards."""
+    """[N, 4] table (chosen sum, rejected sum, chosen tokens, rejected tokens) of the response
+    log-probs under ``strategy``'s model, on every rank, and the number of pairs this rank forwarded.
+    A collective: every rank makes the same number of forwards."""
     table = torch.zeros(len(pairs), 4, dtype=torch.float64)
     mine = list(range(topology.dp_rank, len(pairs), topology.dp))
     calls = math.ceil(math.ceil(len(pairs) / topology.dp) / batch_size)
@@ -134,3 +135,16 @@ def attach(pairs: list[dict], table: torch.Tensor, average: bool) -> None:
         chosen, rejected = chosen / table[:, 2].clamp(min=1), rejected / table[:, 3].clamp(min=1)
     for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
         pair["ref_chosen"], pair["ref_rejected"] = c, r
+
+
+def ranking_metrics(table: torch.Tensor, ref_table: torch.Tensor | None = None) -> dict[str, float]:
+    """From pair_logps_table tables: how often the model ranks chosen above rejected by mean token
+    log-prob (needs no reference; comparable across stages), and, given the reference's table, how
+    often the implicit reward (summed log-prob gain over the reference) prefers chosen, and its margin."""
+    mean_c, mean_r = table[:, 0] / table[:, 2].clamp(min=1), table[:, 1] / table[:, 3].clamp(min=1)
+    metrics = {"eval_preference_accuracy": (mean_c > mean_r).double().mean().item(),
+               "eval_response_logp_gap": (mean_c - mean_r).mean().item()}
+    if ref_table is not None:
+        margin = (table[:, 0] - ref_table[:, 0]) - (table[:, 1] - ref_table[:, 1])
+        metrics.update(eval_reward_accuracy=(margin > 0).double().mean().item(), eval_margin=margin.mean().item())
+    return metrics

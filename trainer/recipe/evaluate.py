@@ -1,0 +1,68 @@
+"""The evaluation a recipe runs after every stage, on the stage's exported model.
+
+Each recipe eval source is measured on its held-out split: greedy-generation accuracy per task family
+for chat sources, chosen-vs-rejected ranking accuracy for preference sources, and mean response
+length. The exported HF model runs in plain torch on every rank, prompts sharded over data-parallel
+ranks (fine for the models a recipe's per-stage eval is meant for; large runs set recipe.eval.enabled=false
+and rely on the stages' own sharded evals).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoModelForCausalLM
+
+from trainer.data.preference import tokenize_pair
+from trainer.data.records import read_jsonl
+from trainer.data.tokenizer import load_tokenizer
+from trainer.losses import token_logps
+from trainer.parallel.topology import Topology
+from trainer.stages.evaluation import generation_accuracy
+from trainer.stages.reference import pair_logps_table, ranking_metrics
+
+
+class HFRunner:
+    """The slice of the Strategy interface evaluation needs, over a plain transformers model."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.module = model.eval()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def train(self) -> None:  # an evaluation-only runner stays in eval mode
+        self.module.eval()
+
+    def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).logits
+        return token_logps(logits, batch["labels"])
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id) -> torch.Tensor:
+        return self.module.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                    max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                    pad_token_id=pad_token_id, use_cache=True)
+
+
+@torch.no_grad()
+def evaluate_model(hf_dir: Path, sources: dict[str, tuple[str, list[Path]]], eval_cfg: DictConfig,
+                   max_length: int, topology: Topology) -> dict[str, float]:
+    """``sources``: name -> (kind, eval files). Metrics are prefixed ``<source>/``. A collective."""
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32)
+    runner = HFRunner(model.to(topology.device))
+    tokenizer = load_tokenizer(str(hf_dir))
+    metrics: dict[str, float] = {}
+    for name, (kind, files) in sources.items():
+        records = [r for path in files for r in read_jsonl(path, lambda r: None)[0]]
+        if kind == "sft":
+            found = generation_accuracy(runner, records, tokenizer, topology, eval_cfg.max_new_tokens,
+                                        eval_cfg.batch_size)
+        else:
+            pairs = [p for p in (tokenize_pair(tokenizer, r, max_length + 1) for r in records) if p is not None]
+            table, _ = pair_logps_table(runner, pairs, tokenizer.pad_token_id, eval_cfg.batch_size, topology)
+            found = {k.removeprefix("eval_"): v for k, v in ranking_metrics(table).items()}
+        metrics.update({f"{name}/{k}": v for k, v in found.items()})
+    return metrics
