@@ -6,16 +6,16 @@ tensor device, ``torch.cuda.synchronize()``, CUDA RNG states, ``Tensor.cuda()`` 
 patches exactly those for the version it was written against, so the megatron strategy's real code
 paths (GPTModel, pipeline schedules, DDP, optimizers, dist_checkpointing) run on gloo CPU processes.
 
-Product code must never import it. ``apply()`` refuses any other megatron-core version, and any CUDA
-entry point it does not redirect raises ``MegatronCompatError`` naming the call instead of silently
-doing something else.
+Product code must never import it. ``apply()`` refuses any other megatron-core version. A CUDA call it
+does not redirect never silently runs: the ``torch.cuda`` entry points megatron is known to reach
+raise ``MegatronCompatError`` naming the call, and anything else hits torch's own "Torch not compiled
+with CUDA enabled" (this is a CPU-only build; ``apply()`` refuses to run where CUDA exists).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import sys
 import types
 
 import torch
@@ -111,16 +111,12 @@ def apply() -> None:
     # No CUDA generator exists; torch.manual_seed (which itself calls these) seeds the CPU one.
     cuda.manual_seed = lambda seed: None
     cuda.manual_seed_all = lambda seed: None
-    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    cuda.memory_allocated = lambda *a, **k: 0
-    cuda.max_memory_allocated = lambda *a, **k: 0
-    cuda.device_count = lambda: 0
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.Tensor.type = _cpu_type(torch.Tensor.type)
     # Anything else that would reach a CUDA runtime fails loudly, naming itself.
-    for name in ("set_device", "stream", "current_stream", "default_stream", "mem_get_info",
-                 "get_device_properties", "get_device_capability", "get_rng_state_all", "set_rng_state_all"):
+    for name in ("set_device", "stream", "current_stream", "default_stream", "mem_get_info", "get_rng_state",
+                 "set_rng_state", "memory_allocated", "max_memory_allocated", "get_device_properties",
+                 "get_device_capability", "get_rng_state_all", "set_rng_state_all"):
         setattr(cuda, name, _unknown(name))
     cuda._lazy_init = _unknown("_lazy_init")
 
@@ -134,6 +130,10 @@ def apply() -> None:
         return original_seed(seed, *args, **kwargs)
 
     mrandom.model_parallel_cuda_manual_seed = seed_on_cpu
+    # Activation recompute saves and restores the "CUDA" RNG state around each recomputed forward;
+    # on CPU the CPU generator plays that part.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     tensor_parallel.model_parallel_cuda_manual_seed = seed_on_cpu
     proxy = _CpuTorch("torch")
     for name in _MODULES:

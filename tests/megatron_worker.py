@@ -76,7 +76,7 @@ def parallel_config(opts: dict) -> DictConfig:
                        "dp": -1, "virtual_pp": opts.get("vpp", 1), "sequence_parallel": False,
                        "distributed_optimizer": opts.get("dist_opt", True), "zero_stage": 0,
                        "precision": opts.get("precision", "fp32"), "offload_optimizer": False,
-                       "activation_checkpointing": False, "device": "cpu", "backend": "gloo"})
+                       "activation_checkpointing": opts.get("recompute", False), "device": "cpu", "backend": "gloo"})
 
 
 def batch_for(ids: torch.Tensor) -> dict:
@@ -99,7 +99,7 @@ def run_convert(opts: dict, topology) -> dict:
         with torch.no_grad():
             ref_logits = hf(input_ids=ids).logits
         strategy = MegatronStrategy(parallel_config(opts), topology)
-        strategy.setup(hf, OPTIM, micro_batch_size=2, grad_accum=1, total_steps=1)
+        strategy.setup(hf, OPTIM, micro_batch_size=2, grad_accum=2, total_steps=1)
         strategy.eval()
         logps = strategy.token_logps(batch)
         entry = {"logps_err": (logps - token_logps(ref_logits, batch["labels"])).abs().max().item()}
@@ -138,7 +138,12 @@ def run_train(opts: dict, topology) -> dict:
     data, plan = sft_setup(opts, topology.dp)
     steps = opts["steps"]
     strategy = MegatronStrategy(parallel_config(opts), topology)
-    strategy.setup(tiny_model("qwen2", True, layers=4), OPTIM, plan.micro_batch_size, plan.grad_accum, steps)
+    model = tiny_model("qwen2", True, layers=opts.get("layers", 4))
+    initial = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    strategy.setup(model, OPTIM, plan.micro_batch_size, plan.grad_accum, steps)
+    state = strategy.full_state_dict()
+    roundtrip = None if state is None else (
+        sorted(state) == sorted(initial) and all(torch.equal(state[k], initial[k]) for k in initial))
     start = 0
     if opts.get("load"):
         start = strategy.load(Path(opts["load"]), opts["tag"])["step"]
@@ -162,7 +167,10 @@ def run_train(opts: dict, topology) -> dict:
     for rank, losses in enumerate(gathered):
         by_dp.setdefault(rank_dp(rank, topology), []).append(losses)
     consistent = all(all(torch.equal(x, group[0]) for x in group) for group in by_dp.values())
-    return {"records": records, "local_loss_consistent": consistent}
+    final = strategy.full_state_dict()
+    if final is not None and opts.get("weights"):
+        torch.save(final, opts["weights"])
+    return {"records": records, "local_loss_consistent": consistent, "roundtrip_bit_exact": roundtrip}
 
 
 def rank_dp(rank: int, topology) -> int:
@@ -174,7 +182,7 @@ def run_reference(opts: dict) -> dict:
     """Plain PyTorch: HF model, AdamW (decay on >= 2-D params), clip, the same LR schedule and batches."""
     data, plan = sft_setup(opts, dp=1)
     steps = opts["steps"]
-    model = tiny_model("qwen2", True, layers=4)
+    model = tiny_model("qwen2", True, layers=opts.get("layers", 4))
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM.weight_decay},
@@ -195,6 +203,8 @@ def run_reference(opts: dict) -> dict:
             group["lr"] = lr
         optimizer.step()
         records.append({"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm, "lr": lr})
+    if opts.get("weights"):
+        torch.save({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, opts["weights"])
     return {"records": records}
 
 

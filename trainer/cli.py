@@ -34,6 +34,8 @@ def run_worker(cfg: DictConfig) -> dict:
     from trainer.stages import get_stage
 
     topology = Topology.initialize(cfg.parallel)
+    if not topology.is_main:  # one copy of the progress log, from rank 0; warnings from every rank
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         validate(cfg, topology.world_size)
         if cfg.recipe is not None:

@@ -92,7 +92,7 @@ class CheckpointManager:
         self.topology.barrier()
         if self.topology.is_main:
             meta = {"step": step, "world_size": self.topology.world_size, "dp": self.topology.dp,
-                    "tp": self.topology.tp}
+                    "tp": self.topology.tp, "pp": self.topology.pp}
             write_text_atomic(partial / MARKER, json.dumps(meta))
             if final.exists():  # a re-save of the same step (e.g. after resume): replace it whole
                 shutil.rmtree(final)
@@ -105,7 +105,9 @@ class CheckpointManager:
     def load(self, strategy, path: Path) -> dict:
         """Collective: restore model, optimizer, scheduler and this rank's RNG; return the client state."""
         meta = json.loads((path / MARKER).read_text())
-        if meta["world_size"] != self.topology.world_size or meta["tp"] != self.topology.tp:
+        same_layout = meta["world_size"] == self.topology.world_size and meta["tp"] == self.topology.tp
+        # Strategies whose checkpoints reshard on load (megatron dist_checkpointing) accept any layout.
+        if not same_layout and not getattr(strategy, "reshardable_checkpoints", False):
             raise RuntimeError(
                 f"checkpoint {path} was written with world size {meta['world_size']} (tp={meta['tp']}); this run "
                 f"has {self.topology.world_size} (tp={self.topology.tp}). Resume with the same layout, or convert "

@@ -57,7 +57,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     _choice(cfg, "data.truncation", ("right", "left", "drop"))
     _choice(cfg, "data.on_bad_record", ("error", "skip"))
     _choice(cfg, "logging.wandb_mode", ("offline", "online", "disabled"))
-    for key in ("parallel.tp", "parallel.pp", "parallel.cp", "stage.epochs", "stage.global_batch_size",
+    for key in ("parallel.tp", "parallel.pp", "parallel.cp", "parallel.virtual_pp", "stage.epochs", "stage.global_batch_size",
                 "stage.micro_batch_size", "data.max_length", "cluster.nproc_per_node", "cluster.nnodes",
                 "logging.log_every"):
         _positive(cfg, key)
@@ -78,6 +78,19 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
                               "use parallel.strategy=megatron for cp > 1")
         if cfg.parallel.offload_optimizer and cfg.parallel.zero_stage == 0:
             raise ConfigError("parallel.offload_optimizer: needs parallel.zero_stage >= 1")
+        if cfg.parallel.virtual_pp != 1 or cfg.parallel.sequence_parallel:
+            raise ConfigError("parallel.virtual_pp / parallel.sequence_parallel: megatron-only options; "
+                              "set parallel.strategy=megatron")
+    else:  # megatron
+        if cfg.parallel.cp != 1:
+            raise ConfigError("parallel.cp: context parallelism is not wired into the megatron strategy yet")
+        if cfg.parallel.offload_optimizer:
+            raise ConfigError("parallel.offload_optimizer: not supported by parallel.strategy=megatron")
+        if cfg.parallel.zero_stage != 0:
+            raise ConfigError("parallel.zero_stage: the megatron strategy shards optimizer state with "
+                              "parallel.distributed_optimizer, not ZeRO; set parallel.zero_stage=0")
+        if cfg.stage.get("neftune_alpha", 0) > 0:
+            raise ConfigError("stage.neftune_alpha: NEFTune is not implemented for parallel.strategy=megatron")
     if cfg.model.path is None and cfg.model.tokenizer is not None:
         raise ConfigError("model.tokenizer: set model.path too; a model built from config uses the embedded "
                           "tokenizer, whose vocabulary sets its embedding size")
@@ -131,3 +144,7 @@ def validate_layout(cfg: DictConfig, world_size: int) -> None:
     if s.global_batch_size % per_step:
         raise ConfigError(f"stage.global_batch_size: {s.global_batch_size} must be a multiple of "
                           f"stage.micro_batch_size * dp = {s.micro_batch_size} * {dp} = {per_step}")
+    accum = s.global_batch_size // per_step
+    if cfg.parallel.virtual_pp > 1 and accum % cfg.parallel.pp:
+        raise ConfigError(f"parallel.virtual_pp: interleaved pipelines need the micro-batches per step "
+                          f"({accum}) to be a multiple of parallel.pp={cfg.parallel.pp}")

@@ -47,7 +47,8 @@ def check_supported(hf_config) -> None:
     if kind not in SUPPORTED:
         raise NotImplementedError(f"model.arch: {kind!r} has no megatron mapping (supported: {', '.join(SUPPORTED)})")
     if hf_config.hidden_act != "silu":
-        raise NotImplementedError(f"model.config.hidden_act: {hf_config.hidden_act!r}; the mapping assumes SwiGLU (silu)")
+        raise NotImplementedError(f"model.config.hidden_act: {hf_config.hidden_act!r}; the mapping assumes "
+                                  "SwiGLU (silu)")
     if getattr(hf_config, "mlp_bias", False):
         raise NotImplementedError("model.config.mlp_bias: MLP biases are not mapped")
     if kind == "llama" and getattr(hf_config, "attention_bias", False):
@@ -102,12 +103,24 @@ def build_gpt_model(hf_config, config, pre_process: bool, post_process: bool, vp
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                           get_gpt_layer_with_transformer_engine_spec)
 
+    from megatron.core import tensor_parallel
+
     spec = get_gpt_layer_with_transformer_engine_spec() if HAVE_TE else get_gpt_layer_local_spec(
         normalization="RMSNorm")
-    return GPTModel(config, spec, vocab_size=hf_config.vocab_size,
-                    max_sequence_length=hf_config.max_position_embeddings, pre_process=pre_process,
-                    post_process=post_process, share_embeddings_and_output_weights=hf_config.tie_word_embeddings,
-                    position_embedding_type="rope", rotary_base=_rope_theta(hf_config), vp_stage=vp_stage)
+    model = GPTModel(config, spec, vocab_size=hf_config.vocab_size,
+                     max_sequence_length=hf_config.max_position_embeddings, pre_process=pre_process,
+                     post_process=post_process, share_embeddings_and_output_weights=hf_config.tie_word_embeddings,
+                     position_embedding_type="rope", rotary_base=_rope_theta(hf_config), vp_stage=vp_stage)
+    # megatron-core 0.16 marks weights as tensor-parallel only inside its weight initialisers, which
+    # perform_initialization=False skips; unmarked shards would count once (TP rank 0) in the grad norm.
+    split_dims = ((tensor_parallel.ColumnParallelLinear, 0), (tensor_parallel.VocabParallelEmbedding, 0),
+                  (tensor_parallel.RowParallelLinear, 1))
+    for module in model.modules():
+        for kind, dim in split_dims:
+            if isinstance(module, kind) and getattr(module, "weight", None) is not None \
+                    and not hasattr(module.weight, "tensor_model_parallel"):
+                tensor_parallel.set_tensor_model_parallel_attributes(module.weight, True, dim, 1)
+    return model
 
 
 # ---- names ----------------------------------------------------------------------------------------
@@ -115,7 +128,8 @@ def build_gpt_model(hf_config, config, pre_process: bool, post_process: bool, vp
 _LAYER = {
     "input_layernorm.weight": ["input_layernorm.weight"],
     "self_attention.linear_qkv.layer_norm_weight": ["input_layernorm.weight"],
-    "self_attention.linear_qkv.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    "self_attention.linear_qkv.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                         "self_attn.v_proj.weight"],
     "self_attention.linear_qkv.bias": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
     "self_attention.linear_proj.weight": ["self_attn.o_proj.weight"],
     "pre_mlp_layernorm.weight": ["post_attention_layernorm.weight"],
@@ -209,9 +223,9 @@ def load_hf_weights(chunk, hf_state: dict[str, torch.Tensor], hf_config, tp_rank
 
 
 # ---- megatron -> HF (gather TP shards) --------------------------------------------------------------
-def from_megatron_shards(name: str, shards: list[torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
-    """HF tensors from the ``tp`` shards (in TP-rank order) of megatron parameter ``name``; keys are the
-    names inside the layer / model as in :data:`_LAYER`, position-matched to :func:`hf_names`."""
+def from_megatron_shards(name: str, shards: list[torch.Tensor], hf_config) -> list[torch.Tensor]:
+    """HF tensors from the ``tp`` shards (in TP-rank order) of megatron parameter ``name``, in the order
+    :func:`hf_names` lists their names."""
     _, rest = _split(name)
     if rest.endswith("linear_qkv.weight") or rest.endswith("linear_qkv.bias"):
         groups = hf_config.num_key_value_heads or hf_config.num_attention_heads

@@ -9,6 +9,7 @@ not launched by torchrun), checks that ``tp * pp * cp * dp == world_size``, and 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch.distributed as dist
 # megatron-core announces at import that it falls back to plain-torch kernels without Transformer
 # Engine / Apex (always the case on CPU); the fallback is what we want, the warnings are noise.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+logging.getLogger("megatron.core").setLevel(logging.WARNING)  # its import-time INFO lines are noise
 from megatron.core import parallel_state  # noqa: E402
 from omegaconf import DictConfig
 
@@ -69,6 +71,7 @@ class Topology:
                 tensor_model_parallel_size=parallel.tp,
                 pipeline_model_parallel_size=parallel.pp,
                 context_parallel_size=parallel.cp,
+                virtual_pipeline_model_parallel_size=parallel.virtual_pp if parallel.virtual_pp > 1 else None,
                 distributed_timeout_minutes=timeout_minutes,
             )
         return cls(world_size=world_size, rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", 0)),

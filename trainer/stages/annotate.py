@@ -130,15 +130,11 @@ def merge(records: list[dict], keep: list[bool], parts_dir: Path, output: Path) 
 
 def run(cfg: DictConfig, topology: Topology) -> dict:
     stage = cfg.stage
-    out = common.stage_dir(cfg)
-    finished = common.read_stage_result(out)
-    if finished is not None and cfg.checkpoint.resume == "auto":
-        log.info("stage %s already complete in %s; skipping", stage.name, out)
+    out, finished = common.start(cfg, topology)
+    if finished is not None:
         return finished
 
     # ---- setup -----------------------------------------------------------------------------------
-    if topology.is_main:
-        common.save_config(cfg, out)
     records = _input_records(cfg, topology)
     keep = [not stage.overwrite_rewards and all(r.get(key) is not None for key in REWARDS) for r in records]
     model = load_reward_model(stage.reward_model).to(topology.device).eval()

@@ -98,13 +98,27 @@ def save_config(cfg: DictConfig, directory: Path) -> None:
     write_text_atomic(directory / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def maybe_inject_fault(step: int) -> None:
-    """Fault injection for resume tests: ``STAGECRAFT_FAULT_AFTER_STEP=N`` kills the process after
-    step N without any cleanup, as a preemption or crash would."""
-    if os.environ.get("STAGECRAFT_FAULT_AFTER_STEP") == str(step):
+def maybe_inject_fault(step: int, stage: str | None = None) -> None:
+    """Fault injection for resume tests: ``STAGECRAFT_FAULT_AFTER_STEP=N`` (any stage) or
+    ``=<stage>:N`` kills the process after step N without any cleanup, as a preemption or crash would."""
+    wanted = os.environ.get("STAGECRAFT_FAULT_AFTER_STEP")
+    if wanted is not None and wanted in (str(step), f"{stage}:{step}"):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(17)
+
+
+def start(cfg: DictConfig, topology: Topology) -> tuple[Path, dict | None]:
+    """The stage directory, and the stage's result when it already completed (checkpoint.resume=auto
+    then skips it); otherwise rank 0 records the resolved config there."""
+    out = stage_dir(cfg)
+    finished = read_stage_result(out)
+    if finished is not None and cfg.checkpoint.resume == "auto":
+        log.info("stage %s already complete in %s; skipping", cfg.stage.name, out)
+        return out, finished
+    if topology.is_main:
+        save_config(cfg, out)
+    return out, None
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -144,7 +158,7 @@ def after_step(cfg: DictConfig, checkpoints: CheckpointManager, strategy, done: 
     every = cfg.checkpoint.every_steps
     if every and done % every == 0 and done < total:
         checkpoints.save(strategy, done, {"step": done})
-    maybe_inject_fault(done)
+    maybe_inject_fault(done, cfg.stage.name)
 
 
 def finish(cfg: DictConfig, topology: Topology, strategy, checkpoints: CheckpointManager, tokenizer, logger,

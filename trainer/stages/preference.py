@@ -152,15 +152,11 @@ def evaluate(strategy, pairs: list[dict], ref_table: torch.Tensor | None, pad_id
 
 def run(cfg: DictConfig, topology: Topology) -> dict:
     stage = cfg.stage
-    out = common.stage_dir(cfg)
-    finished = common.read_stage_result(out)
-    if finished is not None and cfg.checkpoint.resume == "auto":
-        log.info("stage %s already complete in %s; skipping", stage.name, out)
+    out, finished = common.start(cfg, topology)
+    if finished is not None:
         return finished
 
     # ---- setup -----------------------------------------------------------------------------------
-    if topology.is_main:
-        common.save_config(cfg, out)
     tokenizer = common.build_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id
     train_files, eval_files = common.data_files(cfg, topology, "preference")

@@ -121,15 +121,11 @@ def constant_predictor_mse(train: list[dict], evals: list[dict], attributes: lis
 
 def run(cfg: DictConfig, topology: Topology) -> dict:
     stage = cfg.stage
-    out = common.stage_dir(cfg)
-    finished = common.read_stage_result(out)
-    if finished is not None and cfg.checkpoint.resume == "auto":
-        log.info("stage %s already complete in %s; skipping", stage.name, out)
+    out, finished = common.start(cfg, topology)
+    if finished is not None:
         return finished
 
     # ---- setup -----------------------------------------------------------------------------------
-    if topology.is_main:
-        common.save_config(cfg, out)
     attributes = list(stage.attributes)
     tokenizer = common.build_tokenizer(cfg)
     train_files, eval_files = common.data_files(cfg, topology, "reward")

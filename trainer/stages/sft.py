@@ -59,15 +59,11 @@ def evaluate(strategy, examples: list[dict], pad_id: int, micro_batch_size: int,
 
 def run(cfg: DictConfig, topology: Topology) -> dict:
     stage = cfg.stage
-    out = common.stage_dir(cfg)
-    finished = common.read_stage_result(out)
-    if finished is not None and cfg.checkpoint.resume == "auto":
-        log.info("stage %s already complete in %s; skipping", stage.name, out)
+    out, finished = common.start(cfg, topology)
+    if finished is not None:
         return finished
 
     # ---- setup -----------------------------------------------------------------------------------
-    if topology.is_main:
-        common.save_config(cfg, out)
     tokenizer = common.build_tokenizer(cfg)
     train_files, eval_files = common.data_files(cfg, topology)
     train, train_stats = common.tokenized_chat_dataset(train_files, tokenizer, cfg.data)

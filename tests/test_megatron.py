@@ -1,0 +1,199 @@
+"""The ``megatron`` strategy on gloo CPU processes, through the test-only compat layer.
+
+Every distributed run is a subprocess (tests/megatron_worker.py, under torchrun for > 1 process)
+because the compat layer patches torch process-wide. References are independent of megatron:
+transformers' own logits, the HF state dict itself, and a plain-PyTorch SFT loop (AdamW, clipping, the
+same LR schedule, the same GlobalBatchPlan batches and the stage's ``micro_batch_loss``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from tests.conftest import free_port
+
+WORKER = Path(__file__).with_name("megatron_worker.py")
+TOL = 1e-5
+STEPS = 6
+
+
+def run_worker(mode: str, opts: dict, tmp: Path, nproc: int = 1) -> dict:
+    out = tmp / f"{mode}-{uuid.uuid4().hex[:8]}.json"
+    args = [str(WORKER), mode, json.dumps(opts), str(out)]
+    if nproc > 1:
+        args = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=400)
+    if proc.returncode != 0:
+        raise AssertionError(f"worker {mode} {opts} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+def assert_trajectory(ref: list[dict], got: list[dict]) -> None:
+    ref = ref[got[0]["step"] - 1:]
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for r, g in zip(ref, got):
+        assert abs(r["loss"] - g["loss"]) <= TOL, (r, g)
+        assert abs(r["grad_norm"] - g["grad_norm"]) <= TOL, (r, g)
+        assert g["lr"] == pytest.approx(r["lr"], rel=1e-12)
+
+
+def assert_weights_close(ref_path: Path, got_path: Path, tol: float = 1e-4) -> None:
+    """Final HF-named weights after training; Adam amplifies float noise on near-zero gradients, so
+    the bound is looser than the loss bound."""
+    ref, got = torch.load(ref_path), torch.load(got_path)
+    assert sorted(ref) == sorted(got)
+    worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
+    assert worst <= tol, worst
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("megatron")
+
+
+@pytest.fixture(scope="module")
+def reference(work) -> dict:
+    out = run_worker("reference", {"steps": STEPS, "weights": str(work / "ref.pt")}, work)
+    out["weights"] = work / "ref.pt"
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp2(work) -> dict:
+    """TP=2 run that also writes a dist checkpoint after step 3 (used by the resume tests)."""
+    opts = {"steps": STEPS, "tp": 2, "save_at": 3, "save": str(work / "ckpt"), "tag": "step_000003",
+            "weights": str(work / "tp2.pt")}
+    out = run_worker("train", opts, work, nproc=2)
+    out["weights"] = work / "tp2.pt"
+    return out
+
+
+# ---- HF import / export ---------------------------------------------------------------------------
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp", [1, 2])
+def test_hf_import_matches_transformers_and_round_trips(work, tp):
+    results = run_worker("convert", {"tp": tp, "export": str(work / f"export-tp{tp}")}, work, nproc=tp)
+    assert sorted(results) == ["llama-tied", "llama-untied", "qwen2-tied", "qwen2-untied"]
+    for family, r in results.items():
+        assert r["local_vocab"] == 400 // tp, family  # the logits really are vocabulary-sharded
+        assert r["logits_err"] <= TOL, (family, r)  # gathered megatron logits vs transformers
+        assert r["logps_err"] <= TOL, (family, r)  # strategy.token_logps vs log_softmax of HF logits
+        assert r["same_keys"] and r["bit_exact"], (family, r)  # full_state_dict == the HF weights
+        assert r["export_logits_err"] <= 1e-6, (family, r)  # save_pretrained -> from_pretrained
+
+
+# ---- training ------------------------------------------------------------------------------------
+def test_reference_moves(reference):
+    losses = [r["loss"] for r in reference["records"]]
+    norms = [r["grad_norm"] for r in reference["records"]]
+    assert len(losses) == STEPS and len(set(losses)) == STEPS and norms[0] > norms[-1]
+
+
+@pytest.mark.distributed
+def test_tp2_matches_single_process(reference, tp2):
+    assert_trajectory(reference["records"], tp2["records"])
+    assert tp2["local_loss_consistent"] and tp2["roundtrip_bit_exact"]
+    assert_weights_close(reference["weights"], tp2["weights"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name, opts, nproc", [
+    ("pp2, plain optimizer, activation recompute", {"pp": 2, "dist_opt": False, "recompute": True}, 2),
+    ("dp2, distributed optimizer", {}, 2),
+    ("tp2 x pp2", {"tp": 2, "pp": 2}, 4),
+])
+def test_layouts_match_single_process(reference, work, name, opts, nproc):
+    weights = work / f"{uuid.uuid4().hex[:8]}.pt"
+    out = run_worker("train", {"steps": STEPS, "weights": str(weights), **opts}, work, nproc=nproc)
+    assert_trajectory(reference["records"], out["records"])
+    assert out["local_loss_consistent"], "loss differs between ranks of one pipeline/tensor group"
+    assert out["roundtrip_bit_exact"], "HF -> megatron -> HF full_state_dict is not bit-exact"
+    assert_weights_close(reference["weights"], weights)
+
+
+@pytest.mark.distributed
+def test_bf16_tracks_fp32_reference(reference, work):
+    """bf16 weights (megatron's Float16Module + fp32 main params): close to, not equal to, fp32."""
+    out = run_worker("train", {"steps": 3, "tp": 2, "precision": "bf16"}, work, nproc=2)
+    for r, g in zip(reference["records"], out["records"]):
+        assert abs(r["loss"] - g["loss"]) <= 2e-3 and abs(r["grad_norm"] - g["grad_norm"]) <= 2e-2, (r, g)
+    assert out["local_loss_consistent"]
+
+
+@pytest.mark.distributed
+def test_interleaved_pipeline_matches_single_process(work):
+    ref = run_worker("reference", {"steps": 2, "layers": 8}, work)
+    out = run_worker("train", {"steps": 2, "layers": 8, "pp": 4, "vpp": 2}, work, nproc=4)
+    assert_trajectory(ref["records"], out["records"])
+    assert out["roundtrip_bit_exact"]
+
+
+# ---- dist_checkpointing: save at TP=2, resume in other layouts ----------------------------------------
+@pytest.mark.distributed
+@pytest.mark.parametrize("opts, nproc", [({}, 1), ({"pp": 2}, 2)], ids=["tp1", "pp2"])
+def test_resume_tp2_checkpoint_in_another_layout(reference, tp2, work, opts, nproc):
+    out = run_worker("train", {"steps": STEPS, "load": str(work / "ckpt"), "tag": "step_000003", **opts},
+                     work, nproc=nproc)
+    assert [r["step"] for r in out["records"]] == [4, 5, 6]
+    # Step 4 checks the weights; steps 5 and 6 the Adam moments and step count as well.
+    assert_trajectory(tp2["records"], out["records"])
+    assert_trajectory(reference["records"], out["records"])
+
+
+# ---- refusals and guards (in-process, no megatron CUDA paths reached) -------------------------------
+def _parallel(**kw) -> DictConfig:
+    base = {"strategy": "megatron", "tp": 1, "pp": 1, "cp": 1, "dp": -1, "virtual_pp": 1,
+            "sequence_parallel": False, "distributed_optimizer": True, "zero_stage": 0, "precision": "fp32",
+            "offload_optimizer": False, "activation_checkpointing": False, "device": "cpu", "backend": "gloo"}
+    return DictConfig({**base, **kw})
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"cp": 2}, "parallel.cp"),
+    ({"sequence_parallel": True}, "parallel.sequence_parallel"),
+    ({"offload_optimizer": True}, "parallel.offload_optimizer"),
+    ({"pp": 2, "virtual_pp": 2}, "parallel.virtual_pp"),
+])
+def test_unsupported_options_are_refused_by_name(overrides, key):
+    from trainer.parallel.megatron import MegatronStrategy
+    from trainer.parallel.topology import Topology
+
+    topology = Topology(world_size=1, rank=0, local_rank=0, tp=1, pp=overrides.get("pp", 1), cp=1, dp=1,
+                        device=torch.device("cpu"))
+    with pytest.raises(NotImplementedError, match=key.replace(".", r"\.")):
+        MegatronStrategy(_parallel(**overrides), topology)
+
+
+def test_unsupported_models_are_refused_by_name():
+    from transformers import AutoConfig
+
+    from trainer.models.megatron_convert import check_supported
+
+    with pytest.raises(NotImplementedError, match="model.config.sliding_window"):
+        check_supported(AutoConfig.for_model("mistral"))  # sliding_window=4096 by default
+    with pytest.raises(NotImplementedError, match="model.arch"):
+        check_supported(AutoConfig.for_model("gpt2"))
+    check_supported(AutoConfig.for_model("mistral", sliding_window=None))
+
+
+def test_compat_layer_refuses_another_megatron_version(monkeypatch):
+    import megatron.core
+
+    from tests import megatron_compat
+
+    monkeypatch.setattr(megatron.core, "__version__", "0.17.0")
+    with pytest.raises(megatron_compat.MegatronCompatError, match="0.16.1"):
+        megatron_compat.apply()  # refuses before patching anything
+    assert not megatron_compat._APPLIED
