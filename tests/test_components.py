@@ -217,7 +217,7 @@ class _FakeStrategy:
 
 def _topology(world_size=1, tp=1):
     # The manager reads is_main, rank, world_size, dp, tp and calls barrier().
-    return SimpleNamespace(world_size=world_size, rank=0, dp=world_size // tp, tp=tp, is_main=True,
+    return SimpleNamespace(world_size=world_size, rank=0, dp=world_size // tp, tp=tp, pp=1, is_main=True,
                            barrier=lambda: None)
 
 
@@ -235,7 +235,7 @@ def test_keep_last_prunes_old_checkpoints_and_latest_names_newest(tmp_path):
     assert manager.latest() == manager.dir / "step_000009"
     assert manager.complete_tags() == ["step_000006", "step_000009"]
     meta = json.loads((manager.dir / "step_000009" / MARKER).read_text())
-    assert meta == {"step": 9, "world_size": 1, "dp": 1, "tp": 1}
+    assert meta == {"step": 9, "world_size": 1, "dp": 1, "tp": 1, "pp": 1}
     assert (manager.dir / "step_000009" / "rng_rank0.pt").is_file()
     assert manager.load(_FakeStrategy(), manager.latest()) == {"step": 9}
 
