@@ -451,3 +451,29 @@ def test_naive_mean_of_micro_batch_token_means_gives_a_different_gradient(mbs):
         (sft_loss(head(x[rows]), labels[rows], mask[rows], "token") / n_micro).backward()
     naive = _grads(head)
     assert max((a - b).abs().max().item() for a, b in zip(naive, full_grads)) > 1e-3
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample"])
+def test_packed_micro_batch_loss_equals_padded(reduction):
+    """The same per-token log-probs laid out padded (chat.collate) or packed (pack_examples) give the
+    same micro-batch share, for both reductions."""
+    from trainer.data.chat import collate
+    from trainer.data.packing import pack_examples
+
+    g = torch.Generator().manual_seed(11)
+    examples = []
+    for n in (5, 9, 3, 7):
+        mask = [0] * 2 + [1] * (n - 2)
+        examples.append({"input_ids": torch.randint(3, 50, (n,), generator=g).tolist(), "assistant_mask": mask})
+    # A deterministic "model": log-prob of a label depends only on (previous token, label).
+    table = -torch.rand(64, 64, generator=g, dtype=torch.float64) * 3
+
+    def logps(batch):
+        return table[batch["input_ids"], batch["labels"]]
+
+    padded, packed = collate(examples, pad_id=0), pack_examples(examples, max_length=12, pad_id=0)
+    assert packed["input_ids"].shape[0] < len(examples)  # really packed
+    tokens = padded["loss_mask"].sum()
+    a = micro_batch_loss(logps(padded), padded, reduction, tokens, 8)
+    b = micro_batch_loss(logps(packed), packed, reduction, tokens, 8)
+    assert a.item() == pytest.approx(b.item(), rel=1e-12)

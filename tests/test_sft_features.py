@@ -88,6 +88,12 @@ def test_activation_checkpointing_matches_reference(reference, tmp_path, cache_d
     _close(losses(reference), losses(tmp_path), 1e-5)
 
 
+def test_packed_sft_matches_reference(reference, tmp_path, cache_dir):
+    """Several conversations per row (position ids restart, attention kept within each): same losses."""
+    run_stagecraft(tmp_path, [*STEPS, "stage.micro_batch_size=8", "stage.packing=true"], cache_dir)
+    _close(losses(reference), losses(tmp_path), 1e-5)
+
+
 def test_bf16_zero2_tracks_fp32(reference, tmp_path, cache_dir):
     run_stagecraft(tmp_path, [*STEPS, "parallel=zero2", "parallel.precision=bf16", "stage.micro_batch_size=4"],
                    cache_dir, nproc=2)

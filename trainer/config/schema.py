@@ -105,6 +105,9 @@ class StageConfig:
     # sample: mean over sequences of each sequence's token-mean NLL.
     loss_reduction: str = "token"
     neftune_alpha: float = 0.0
+    # Pack several sequences into each row of a micro-batch (attention kept within each sequence):
+    # same losses, less padding.
+    packing: bool = False
     eval_every: int = 0
     # Greedy-generation accuracy on the eval split at the end of the stage (0 new tokens: off).
     eval_max_new_tokens: int = 24
@@ -133,7 +136,6 @@ class PreferenceStageConfig(StageConfig):
     # cached: one reference forward over the data before training, stored on disk and reused;
     # online: keep the reference model and run it every step.
     reference_mode: str = "cached"
-    packing: bool = False
 
 
 @dataclass

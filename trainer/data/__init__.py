@@ -12,7 +12,7 @@ from trainer.data.synthetic import (
     write_jsonl,
 )
 from trainer.data.tokenizer import build_embedded_tokenizer, load_tokenizer
-from trainer.data.packing import collate_packed, pack, pack_pairs, segment_sum
+from trainer.data.packing import collate_packed, pack, pack_examples, pack_pairs, segment_sum
 from trainer.data.preference import (
     HELPSTEER2_ATTRIBUTES,
     collate_pairs,
@@ -33,6 +33,7 @@ __all__ = [
     "collate_pairs",
     "collate_reward",
     "pack",
+    "pack_examples",
     "pack_pairs",
     "pair_scalars",
     "preference_messages",

@@ -125,3 +125,10 @@ def pack_pairs(pairs: list[dict], max_length: int, pad_id: int) -> dict[str, tor
     bins = pack([len(s["input_ids"]) - 1 for s in sequences], max_length)
     batch = collate_packed(sequences, bins, pad_id)
     return {**batch, **pair_scalars(pairs), "num_sequences": torch.tensor(len(sequences), dtype=torch.long)}
+
+
+def pack_examples(examples: list[dict], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack tokenized chat examples (SFT) into rows of at most ``max_length`` positions; adds
+    ``num_sequences`` so per-sequence sums are ``segment_sum(v, batch["seq_id"], num_sequences)``."""
+    bins = pack([len(e["input_ids"]) - 1 for e in examples], max_length)
+    return {**collate_packed(examples, bins, pad_id), "num_sequences": torch.tensor(len(examples), dtype=torch.long)}

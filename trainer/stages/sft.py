@@ -8,6 +8,7 @@ batch was split across ranks and micro-batches.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 
 from trainer.checkpoint import CheckpointManager
 from trainer.data.chat import collate
+from trainer.data.packing import pack_examples, segment_sum
 from trainer.data.sampler import GlobalBatchPlan
 from trainer.logging import MetricsLogger
 from trainer.losses import sft_loss_from_logps
@@ -34,6 +36,10 @@ def micro_batch_loss(logps: torch.Tensor, batch: dict, reduction: str, global_to
     """This micro-batch's share of the global-batch loss (the shares sum to the global loss)."""
     if reduction == "token":
         return sft_loss_from_logps(logps, batch["loss_mask"], "token", num_tokens=global_tokens)
+    if "seq_id" in batch:  # packed rows: per-sequence means from segment sums
+        n, mask = int(batch["num_sequences"]), batch["loss_mask"].to(logps.dtype)
+        nll = segment_sum(-logps * mask, batch["seq_id"], n) / segment_sum(mask, batch["seq_id"], n).clamp(min=1)
+        return nll.sum() / global_batch_size
     rows = batch["loss_mask"].shape[0]
     return sft_loss_from_logps(logps, batch["loss_mask"], "sample") * (rows / global_batch_size)
 
@@ -82,15 +88,18 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
     start_step = common.resume_step(cfg, checkpoints, strategy)
     logger = MetricsLogger(out, cfg, stage.name, total_steps, start_step, enabled=topology.is_main)
     pad_id = tokenizer.pad_token_id
+    make_batch = (functools.partial(pack_examples, max_length=cfg.data.max_length, pad_id=pad_id) if stage.packing
+                  else functools.partial(collate, pad_id=pad_id))
 
     # ---- train -----------------------------------------------------------------------------------
     strategy.train()
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
-        batches = [common.to_device(collate([train[i] for i in ids], pad_id), topology.device)
+        batches = [common.to_device(make_batch([train[i] for i in ids]), topology.device)
                    for ids in plan.micro_batches(step, topology.dp_rank)]
         local_targets = sum(b["loss_mask"].sum() for b in batches)
-        local_inputs = sum(b["attention_mask"].sum() for b in batches)
+        local_inputs = sum(b["attention_mask"].sum() if "attention_mask" in b else (b["seq_id"] >= 0).sum()
+                           for b in batches)
         global_targets = common.all_reduce_sum(local_targets, topology.dp_group).to(torch.float32)
         info = strategy.train_step(
             batches,
