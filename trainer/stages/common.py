@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,9 @@ from trainer.data.records import read_jsonl, validate_chat_record
 from trainer.data.preference import synthetic_preference_records, synthetic_reward_records
 from trainer.data.synthetic import generate_chat_records, write_jsonl
 from trainer.data.tokenizer import build_embedded_tokenizer, load_tokenizer
+from trainer.logging import MetricsLogger
+from trainer.models import count_parameters
+from trainer.parallel.strategy import build_strategy
 from trainer.parallel.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -129,6 +133,27 @@ def total_steps(stage: DictConfig, steps_per_epoch: int) -> int:
     """Optimizer steps of the stage: its epochs, capped by ``stage.max_steps`` when that is > 0."""
     steps = stage.epochs * steps_per_epoch
     return min(steps, stage.max_steps) if stage.max_steps > 0 else steps
+
+
+def setup_strategy(cfg: DictConfig, topology: Topology, grad_accum: int, total: int,
+                   make_model: Callable[[], torch.nn.Module]):
+    """The stage's strategy wrapped around ``make_model()`` (built inside the strategy's model-init
+    context, e.g. straight into ZeRO-3 partitions), with its optimizer and LR schedule."""
+    stage = cfg.stage
+    strategy = build_strategy(cfg.parallel, topology)
+    with strategy.model_init_context(stage.micro_batch_size, grad_accum, cfg.model.path is not None):
+        model = make_model()
+    log.info("%s: %s, %.2fM parameters", stage.name, type(model).__name__, count_parameters(model) / 1e6)
+    strategy.setup(model, stage.optim, stage.micro_batch_size, grad_accum, total)
+    return strategy
+
+
+def restore(cfg: DictConfig, topology: Topology, strategy, total: int) -> tuple[CheckpointManager, int, MetricsLogger]:
+    """The stage's checkpoints, the step it starts from (the selected checkpoint loaded), its logger."""
+    checkpoints = CheckpointManager(stage_dir(cfg) / "checkpoints", cfg.checkpoint.keep_last, topology)
+    start_step = resume_step(cfg, checkpoints, strategy)
+    logger = MetricsLogger(stage_dir(cfg), cfg, cfg.stage.name, total, start_step, enabled=topology.is_main)
+    return checkpoints, start_step, logger
 
 
 def resume_step(cfg: DictConfig, checkpoints: CheckpointManager, strategy) -> int:

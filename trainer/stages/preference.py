@@ -22,14 +22,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.checkpoint import CheckpointManager
 from trainer.data.packing import pack_pairs
 from trainer.data.preference import collate_pairs, tokenize_pair, validate_preference_record
 from trainer.data.records import read_jsonl
 from trainer.data.sampler import GlobalBatchPlan
-from trainer.logging import MetricsLogger
 from trainer.losses import dpo_loss, ipo_loss, preference_loss, preference_metrics, rpo_loss
-from trainer.models import build_model, count_parameters
+from trainer.models import build_model
 from trainer.parallel.strategy import build_strategy
 from trainer.parallel.topology import Topology
 from trainer.stages import common, reference
@@ -177,14 +175,9 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
     plan = GlobalBatchPlan(len(train), stage.global_batch_size, stage.micro_batch_size, topology.dp, cfg.run.seed)
     total_steps = common.total_steps(stage, plan.steps_per_epoch)
 
-    strategy = build_strategy(cfg.parallel, topology)
-    with strategy.model_init_context(stage.micro_batch_size, plan.grad_accum, cfg.model.path is not None):
-        model = build_model(cfg.model, len(tokenizer), cfg.run.seed)
-    log.info("policy: %s, %.2fM parameters", type(model).__name__, count_parameters(model) / 1e6)
-    strategy.setup(model, stage.optim, stage.micro_batch_size, plan.grad_accum, total_steps)
-    checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, topology)
-    start_step = common.resume_step(cfg, checkpoints, strategy)
-    logger = MetricsLogger(out, cfg, stage.name, total_steps, start_step, enabled=topology.is_main)
+    strategy = common.setup_strategy(cfg, topology, plan.grad_accum, total_steps,
+                                     lambda: build_model(cfg.model, len(tokenizer), cfg.run.seed))
+    checkpoints, start_step, logger = common.restore(cfg, topology, strategy, total_steps)
     before = evaluate(strategy, evals, ref_eval, pad_id, stage, topology)
     make_batch = (functools.partial(pack_pairs, max_length=cfg.data.max_length, pad_id=pad_id) if stage.packing
                   else functools.partial(collate_pairs, pad_id=pad_id))

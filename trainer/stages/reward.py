@@ -22,15 +22,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from trainer.checkpoint import CheckpointManager
 from trainer.data.preference import collate_reward, tokenize_reward_example, validate_reward_record
 from trainer.data.records import read_jsonl
 from trainer.data.sampler import GlobalBatchPlan
-from trainer.logging import MetricsLogger
 from trainer.losses.reward import reward_regression_loss
-from trainer.models import count_parameters
 from trainer.models.reward import build_reward_model
-from trainer.parallel.strategy import build_strategy
 from trainer.parallel.topology import Topology
 from trainer.stages import common
 
@@ -135,12 +131,9 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
     plan = GlobalBatchPlan(len(train), stage.global_batch_size, stage.micro_batch_size, topology.dp, cfg.run.seed)
     total_steps = common.total_steps(stage, plan.steps_per_epoch)
 
-    strategy = build_strategy(cfg.parallel, topology)
-    with strategy.model_init_context(stage.micro_batch_size, plan.grad_accum, cfg.model.path is not None):
-        model = build_reward_model(cfg.model, len(tokenizer), cfg.run.seed, attributes, stage.attribute_weights)
-    log.info("reward model: %s backbone, %.2fM parameters, attributes %s", type(model.backbone).__name__,
-             count_parameters(model) / 1e6, ", ".join(attributes))
-    strategy.setup(model, stage.optim, stage.micro_batch_size, plan.grad_accum, total_steps)
+    strategy = common.setup_strategy(
+        cfg, topology, plan.grad_accum, total_steps,
+        lambda: build_reward_model(cfg.model, len(tokenizer), cfg.run.seed, attributes, stage.attribute_weights))
     pad_id = tokenizer.pad_token_id
     # Measured on every (re)start before any checkpoint is loaded: the starting model is a pure
     # function of the config (seeded init or model.path), so this is the same number each time.
@@ -149,9 +142,7 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
         untrained = evaluate(strategy, evals, pad_id, stage.micro_batch_size, topology, attributes,
                              "eval_mse_untrained")
         untrained.update(constant_predictor_mse(train, evals, attributes))
-    checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, topology)
-    start_step = common.resume_step(cfg, checkpoints, strategy)
-    logger = MetricsLogger(out, cfg, stage.name, total_steps, start_step, enabled=topology.is_main)
+    checkpoints, start_step, logger = common.restore(cfg, topology, strategy, total_steps)
     if start_step == 0 and untrained:
         logger.log(0, untrained)
 

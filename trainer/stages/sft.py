@@ -15,14 +15,11 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from trainer.checkpoint import CheckpointManager
 from trainer.data.chat import collate
 from trainer.data.packing import pack_examples, segment_sum
 from trainer.data.sampler import GlobalBatchPlan
-from trainer.logging import MetricsLogger
 from trainer.losses import sft_loss_from_logps
-from trainer.models import NEFTune, build_model, count_parameters
-from trainer.parallel.strategy import build_strategy
+from trainer.models import NEFTune, build_model
 from trainer.parallel.topology import Topology
 from trainer.data.records import read_jsonl, validate_chat_record
 from trainer.stages import common
@@ -78,15 +75,10 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
     plan = GlobalBatchPlan(len(train), stage.global_batch_size, stage.micro_batch_size, topology.dp, cfg.run.seed)
     total_steps = common.total_steps(stage, plan.steps_per_epoch)
 
-    strategy = build_strategy(cfg.parallel, topology)
-    with strategy.model_init_context(stage.micro_batch_size, plan.grad_accum, cfg.model.path is not None):
-        model = build_model(cfg.model, len(tokenizer), cfg.run.seed)
-    log.info("model: %s, %.2fM parameters", type(model).__name__, count_parameters(model) / 1e6)
-    neftune = NEFTune(model, stage.neftune_alpha) if stage.neftune_alpha > 0 else None
-    strategy.setup(model, stage.optim, stage.micro_batch_size, plan.grad_accum, total_steps)
-    checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, topology)
-    start_step = common.resume_step(cfg, checkpoints, strategy)
-    logger = MetricsLogger(out, cfg, stage.name, total_steps, start_step, enabled=topology.is_main)
+    strategy = common.setup_strategy(cfg, topology, plan.grad_accum, total_steps,
+                                     lambda: build_model(cfg.model, len(tokenizer), cfg.run.seed))
+    neftune = NEFTune(strategy.module, stage.neftune_alpha) if stage.neftune_alpha > 0 else None
+    checkpoints, start_step, logger = common.restore(cfg, topology, strategy, total_steps)
     pad_id = tokenizer.pad_token_id
     make_batch = (functools.partial(pack_examples, max_length=cfg.data.max_length, pad_id=pad_id) if stage.packing
                   else functools.partial(collate, pad_id=pad_id))
