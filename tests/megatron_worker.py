@@ -8,6 +8,8 @@ Modes:
   train      SFT steps through MegatronStrategy (GlobalBatchPlan micro-batches, the stage's
              ``micro_batch_loss``), optionally saving at / resuming from a dist checkpoint.
   reference  the same SFT steps in plain PyTorch on the HF model (1 process): the independent reference.
+  dpo        DPO steps (the preference stage's ``micro_batch_loss``, loss=dpo) on tiny synthetic pairs, with
+             reference log-probs from a forward-only ``setup_inference`` model of the same weights.
 
 Applies the test-only CPU compatibility layer for megatron-core first.
 """
@@ -173,6 +175,46 @@ def run_train(opts: dict, topology) -> dict:
     return {"records": records, "local_loss_consistent": consistent, "roundtrip_bit_exact": roundtrip}
 
 
+def run_dpo(opts: dict, topology) -> dict:
+    """DPO as the preference stage runs it: cached reference table from a ``setup_inference`` model
+    (pair_logps_table + attach), then train_step with the stage's per-pair ``micro_batch_loss``."""
+    from omegaconf import OmegaConf
+
+    from trainer.config.schema import PreferenceStageConfig
+    from trainer.data import build_embedded_tokenizer
+    from trainer.data.preference import collate_pairs, synthetic_preference_records, tokenize_pair
+    from trainer.parallel.megatron import MegatronStrategy
+    from trainer.stages import preference, reference
+
+    stage = OmegaConf.merge(OmegaConf.structured(PreferenceStageConfig), {"loss": "dpo", "beta": 0.1})
+    tok = build_embedded_tokenizer(VOCAB, opts["cache"])
+    records = synthetic_preference_records(opts.get("pairs", 16), seed=5, families=["reverse", "sort", "upper"])
+    pairs = [p for p in (tokenize_pair(tok, r, 48) for r in records) if p is not None]
+    pad = tok.pad_token_id
+    gbs, mbs, steps = opts.get("gbs", 4), opts.get("mbs", 2), opts["steps"]
+    plan = GlobalBatchPlan(len(pairs), gbs, mbs, topology.dp, seed=11)
+    layers = opts.get("layers", 2)
+
+    ref = MegatronStrategy(parallel_config(opts), topology)
+    ref.setup_inference(tiny_model("qwen2", True, layers=layers), mbs)
+    table, _ = reference.pair_logps_table(ref, pairs, pad, mbs, topology)
+    reference.attach(pairs, table, stage.average_logps)
+    del ref
+
+    strategy = MegatronStrategy(parallel_config(opts), topology)
+    strategy.setup(tiny_model("qwen2", True, layers=layers), OPTIM, mbs, plan.grad_accum, steps)
+    strategy.train()
+    records_out = []
+    for step in range(steps):
+        batches = [collate_pairs([pairs[i] for i in ids], pad) for ids in plan.micro_batches(step, topology.dp_rank)]
+        sums: dict = {}
+        info = strategy.train_step(batches, lambda logps, batch: preference.micro_batch_loss(
+            logps, batch, stage, gbs, sums))
+        loss = all_reduce_sum(info["loss"], topology.dp_group).item()
+        records_out.append({"step": step + 1, "loss": loss, "grad_norm": info["grad_norm"]})
+    return {"records": records_out, "pairs": len(pairs), "ref_table_sum": table[:, :2].sum().item()}
+
+
 def rank_dp(rank: int, topology) -> int:
     """The data-parallel index of global rank ``rank`` under megatron's default order (tp-cp-ep-dp-pp)."""
     return (rank // topology.tp) % topology.dp
@@ -218,7 +260,8 @@ def main() -> None:
     from trainer.parallel.topology import Topology
 
     topology = Topology.initialize(parallel_config(opts))
-    result = run_convert(opts, topology) if mode == "convert" else run_train(opts, topology)
+    run = {"convert": run_convert, "dpo": run_dpo}.get(mode, run_train)
+    result = run(opts, topology)
     if topology.is_main:
         out.write_text(json.dumps(result))
     topology.destroy()

@@ -9,6 +9,7 @@ same LR schedule, the same GlobalBatchPlan batches and the stage's ``micro_batch
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -138,6 +139,28 @@ def test_interleaved_pipeline_matches_single_process(work):
     out = run_worker("train", {"steps": 2, "layers": 8, "pp": 4, "vpp": 2}, work, nproc=4)
     assert_trajectory(ref["records"], out["records"])
     assert out["roundtrip_bit_exact"]
+
+
+# ---- DPO: reference from setup_inference, the preference stage's loss ----------------------------------
+DPO_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def dpo_single(work, cache_dir) -> dict:
+    return run_worker("dpo", {"steps": DPO_STEPS, "cache": str(cache_dir)}, work)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("opts", [{"tp": 2}, {"pp": 2}], ids=["tp2", "pp2"])
+def test_dpo_matches_single_process(dpo_single, work, cache_dir, opts):
+    """Policy == reference at step 1, so every pair's DPO loss is -log sigmoid(0) = log 2; later steps
+    and the reference table itself must not depend on the layout."""
+    assert dpo_single["records"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    out = run_worker("dpo", {"steps": DPO_STEPS, "cache": str(cache_dir), **opts}, work, nproc=2)
+    assert out["pairs"] == dpo_single["pairs"] >= 8
+    assert out["ref_table_sum"] == pytest.approx(dpo_single["ref_table_sum"], rel=1e-6)
+    for r, g in zip(dpo_single["records"], out["records"], strict=True):
+        assert abs(r["loss"] - g["loss"]) <= TOL and abs(r["grad_norm"] - g["grad_norm"]) <= TOL, (r, g)
 
 
 # ---- dist_checkpointing: save at TP=2, resume in other layouts ----------------------------------------

@@ -96,8 +96,12 @@ class MegatronStrategy:
         return contextlib.nullcontext()
 
     def setup_inference(self, model: torch.nn.Module, micro_batch_size: int) -> None:
-        raise NotImplementedError("stage.reference_mode / cached reference: a forward-only megatron model is not "
-                                  "implemented yet; run preference stages with parallel.strategy=deepspeed")
+        """A forward-only model (a reference model): the chunks of :meth:`setup`, sharded the same way,
+        without megatron DDP or an optimizer; :meth:`token_logps` and :meth:`full_state_dict` work on it."""
+        self.model = self._build_chunks(model)
+        self.forward_backward = get_forward_backward_func(
+            pp_size=self.topology.pp, vp_size=self.vpp if self.vpp > 1 else None)
+        self.eval()
 
     def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id):
         raise NotImplementedError("stage.eval_max_new_tokens: greedy generation is not implemented for "
@@ -108,11 +112,10 @@ class MegatronStrategy:
             raise NotImplementedError("stage.type=reward: reward heads are not implemented for the megatron strategy")
         return self.token_logps(batch)
 
-    def setup(self, model: torch.nn.Module, optim: DictConfig, micro_batch_size: int, grad_accum: int,
-              total_steps: int) -> None:
-        if self.vpp > 1 and grad_accum % self.topology.pp:
-            raise ValueError(f"parallel.virtual_pp > 1 needs the micro-batches per step ({grad_accum}) to be a "
-                             f"multiple of parallel.pp={self.topology.pp}")
+    def _build_chunks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """Convert the HF ``model`` into this rank's GPTModel chunk(s) (``self.chunks``), leave the HF
+        object as a meta-device shell, and return the chunks as the schedules run them (Float16Module
+        for bf16)."""
         dtype = torch.bfloat16 if self.parallel.precision == "bf16" else torch.float32
         self.hf_config = model.config
         self.config = convert.transformer_config(
@@ -147,6 +150,15 @@ class MegatronStrategy:
             wrapped = [Float16Module(self.config, c) for c in self.chunks]
         else:
             wrapped = self.chunks
+        return wrapped
+
+    def setup(self, model: torch.nn.Module, optim: DictConfig, micro_batch_size: int, grad_accum: int,
+              total_steps: int) -> None:
+        if self.vpp > 1 and grad_accum % self.topology.pp:
+            raise ValueError(f"parallel.virtual_pp > 1 needs the micro-batches per step ({grad_accum}) to be a "
+                             f"multiple of parallel.pp={self.topology.pp}")
+        wrapped = self._build_chunks(model)
+        dtype = torch.bfloat16 if self.parallel.precision == "bf16" else torch.float32
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
             use_distributed_optimizer=self.parallel.distributed_optimizer, check_for_nan_in_grad=False)
@@ -183,6 +195,11 @@ class MegatronStrategy:
     # ---- forward / backward ------------------------------------------------------------------------
     def _run(self, batches: list[dict[str, torch.Tensor]], loss_func: Callable, forward_only: bool) -> list:
         """Megatron's schedule over ``batches``; returns what ``loss_func`` stored on the last stage."""
+        if any("seq_id" in b or "position_ids" in b for b in batches):
+            # Plain causal attention would let a packed sequence attend to the ones before it.
+            raise NotImplementedError("stage.packing: packed batches (position_ids / seq_id) need a "
+                                      "per-sequence attention mask, which parallel.strategy=megatron does not build; "
+                                      "set stage.packing=false")
         length = max(b["input_ids"].shape[1] for b in batches)
         batches = [_pad(b, length) for b in batches]
 
