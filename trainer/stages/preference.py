@@ -122,7 +122,7 @@ def _cached_reference(cfg: DictConfig, topology: Topology, tokenizer, splits: di
         for name in missing:
             path = tables[name][0]
             table, count = reference.pair_logps_table(strategy, splits[name][0], tokenizer.pad_token_id,
-                                                             cfg.stage.micro_batch_size, topology)
+                                                      cfg.stage.micro_batch_size, topology)
             forwarded += count
             if topology.is_main:
                 reference.save_table(path, table)
