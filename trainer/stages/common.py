@@ -88,6 +88,12 @@ def all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
     return value
 
 
+def all_reduce_sums(values: list[torch.Tensor], group) -> list[float]:
+    """Several scalar sums over ``group`` in one collective (a step's metrics, counts and loss)."""
+    stacked = all_reduce_sum(torch.stack([torch.as_tensor(v).detach().double().cpu() for v in values]), group)
+    return stacked.tolist()
+
+
 def read_stage_result(directory: Path) -> dict | None:
     marker = directory / STAGE_MARKER
     return json.loads(marker.read_text()) if marker.is_file() else None

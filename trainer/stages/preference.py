@@ -59,7 +59,7 @@ def micro_batch_loss(logps: torch.Tensor, batch: dict, stage: DictConfig, global
         parts = preference_metrics(pi_c, pi_r, ref_c, ref_r, stage.beta)
         parts["reward_accuracy"] = parts.pop("accuracy")
         parts.update(pref_loss=pref, sft_loss=sft_nll, logps_chosen=pi_c, logps_rejected=pi_r)
-        if "chosen_reward" in batch:
+        if stage.loss == "rpo":  # every pair carries rewards (checked at load), on every rank
             parts["target_gap"] = stage.eta * (batch["chosen_reward"] - batch["rejected_reward"])
         for key, value in parts.items():
             sums[key] = sums.get(key, 0) + value.detach().double().sum().cpu()
@@ -197,11 +197,12 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
         sums: dict[str, torch.Tensor] = {}
         info = strategy.train_step(batches, lambda logps, batch: micro_batch_loss(
             logps, batch, stage, stage.global_batch_size, sums))
-        tokens = common.all_reduce_sum(sum(b["loss_mask"].sum() for b in batches), topology.dp_group).item()
-        metrics = {key: (common.all_reduce_sum(sums[key], topology.dp_group) / stage.global_batch_size).item()
-                   for key in METRICS if key in sums}
-        metrics.update({**info, "loss": common.all_reduce_sum(info["loss"], topology.dp_group).item(),
-                        "response_tokens_per_s": tokens / (time.perf_counter() - t0),
+        keys = [key for key in METRICS if key in sums]  # the same keys on every rank
+        *totals, tokens, loss = common.all_reduce_sums(
+            [sums[key] for key in keys] + [sum(b["loss_mask"].sum() for b in batches), info["loss"]],
+            topology.dp_group)
+        metrics = {key: total / stage.global_batch_size for key, total in zip(keys, totals)}
+        metrics.update({**info, "loss": loss, "response_tokens_per_s": tokens / (time.perf_counter() - t0),
                         "epoch": step // plan.steps_per_epoch})
         done = step + 1
         logger.log(done, metrics)

@@ -152,15 +152,14 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
         t0 = time.perf_counter()
         batches = [common.to_device(collate_reward([train[i] for i in ids], pad_id), topology.device)
                    for ids in plan.micro_batches(step, topology.dp_rank)]
-        local_entries = sum(b["target_mask"].sum() for b in batches)
-        local_inputs = sum(b["attention_mask"].sum() for b in batches)
-        global_entries = common.all_reduce_sum(local_entries, topology.dp_group).to(torch.float32)
+        entries, inputs = common.all_reduce_sums([sum(b["target_mask"].sum() for b in batches),
+                                                  sum(b["attention_mask"].sum() for b in batches)], topology.dp_group)
+        global_entries = torch.tensor(entries, dtype=torch.float32)
         info = strategy.train_step(
             batches, lambda scores, batch: micro_batch_loss(scores, batch, global_entries.to(scores.device)))
-        inputs = common.all_reduce_sum(local_inputs, topology.dp_group).item()
         elapsed = time.perf_counter() - t0
         metrics = {**info, "loss": common.all_reduce_sum(info["loss"], topology.dp_group).item(),
-                   "target_entries": int(global_entries.item()), "tokens_per_s": inputs / elapsed,
+                   "target_entries": int(entries), "tokens_per_s": inputs / elapsed,
                    "epoch": step // plan.steps_per_epoch}
         done = step + 1
         if stage.eval_every and done % stage.eval_every == 0 and done < total_steps:

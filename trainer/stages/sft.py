@@ -89,20 +89,20 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
         t0 = time.perf_counter()
         batches = [common.to_device(make_batch([train[i] for i in ids]), topology.device)
                    for ids in plan.micro_batches(step, topology.dp_rank)]
-        local_targets = sum(b["loss_mask"].sum() for b in batches)
         local_inputs = sum(b["attention_mask"].sum() if "attention_mask" in b else (b["seq_id"] >= 0).sum()
                            for b in batches)
-        global_targets = common.all_reduce_sum(local_targets, topology.dp_group).to(torch.float32)
+        targets, inputs = common.all_reduce_sums([sum(b["loss_mask"].sum() for b in batches), local_inputs],
+                                                 topology.dp_group)
+        global_targets = torch.tensor(targets, dtype=torch.float32)
         info = strategy.train_step(
             batches,
             lambda logps, batch: micro_batch_loss(logps, batch, stage.loss_reduction,
                                                   global_targets.to(logps.device), stage.global_batch_size),
             on_micro_batch=None if neftune is None else (
                 lambda k: neftune.reseed(cfg.run.seed, step, k, topology.dp_rank)))
-        inputs = common.all_reduce_sum(local_inputs, topology.dp_group).item()
         elapsed = time.perf_counter() - t0
         metrics = {**info, "loss": common.all_reduce_sum(info["loss"], topology.dp_group).item(),
-                   "target_tokens": int(global_targets.item()), "tokens_per_s": inputs / elapsed,
+                   "target_tokens": int(targets), "tokens_per_s": inputs / elapsed,
                    "epoch": step // plan.steps_per_epoch}
         done = step + 1
         if stage.eval_every and done % stage.eval_every == 0 and done < total_steps:
