@@ -97,8 +97,10 @@ def transformer_config(hf_config, tp: int, pp: int, virtual_pp: int, dtype: torc
         bf16=dtype == torch.bfloat16, use_cpu_initialization=use_cpu_init, perform_initialization=False, **extra)
 
 
-def build_gpt_model(hf_config, config, pre_process: bool, post_process: bool, vp_stage: int | None = None):
-    """One rank's GPTModel chunk, weights uninitialised (load them with :func:`load_hf_weights`)."""
+def build_gpt_model(hf_config, config, pre_process: bool, post_process: bool, vp_stage: int | None = None,
+                    tie_output: bool | None = None):
+    """One rank's GPTModel chunk, weights uninitialised (load them with :func:`load_hf_weights`).
+    ``tie_output`` overrides ``hf_config.tie_word_embeddings`` (a reward model never ties its head)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                           get_gpt_layer_with_transformer_engine_spec)
@@ -107,9 +109,10 @@ def build_gpt_model(hf_config, config, pre_process: bool, post_process: bool, vp
 
     spec = get_gpt_layer_with_transformer_engine_spec() if HAVE_TE else get_gpt_layer_local_spec(
         normalization="RMSNorm")
+    tied = hf_config.tie_word_embeddings if tie_output is None else tie_output
     model = GPTModel(config, spec, vocab_size=hf_config.vocab_size,
                      max_sequence_length=hf_config.max_position_embeddings, pre_process=pre_process,
-                     post_process=post_process, share_embeddings_and_output_weights=hf_config.tie_word_embeddings,
+                     post_process=post_process, share_embeddings_and_output_weights=tied,
                      position_embedding_type="rope", rotary_base=_rope_theta(hf_config), vp_stage=vp_stage)
     # megatron-core 0.16 marks weights as tensor-parallel only inside its weight initialisers, which
     # perform_initialization=False skips; unmarked shards would count once (TP rank 0) in the grad norm.
