@@ -62,6 +62,20 @@ def _pad(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]
     return out
 
 
+class _RewardHead(torch.nn.Linear):
+    """A reward model's ``Linear(hidden, A)`` in the GPTModel's output-layer slot: called like megatron's
+    output layer (``hidden [S, B, H] -> (out, bias)``), it maps every position's final hidden state to
+    A scores. Replicated on every tensor-parallel rank (A is a handful of attributes): its input is
+    identical there, so are its gradients, and megatron counts unsharded parameters once in the norm."""
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__(head.in_features, head.out_features, bias=head.bias is not None, dtype=head.weight.dtype)
+        self.load_state_dict(head.state_dict())
+
+    def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
+        return super().forward(hidden), None
+
+
 class MegatronStrategy:
     """Owns the GPTModel chunks, megatron DDP and optimizer of one model for one stage."""
 
@@ -103,21 +117,76 @@ class MegatronStrategy:
             pp_size=self.topology.pp, vp_size=self.vpp if self.vpp > 1 else None)
         self.eval()
 
+    @torch.no_grad()
     def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id):
-        raise NotImplementedError("stage.eval_max_new_tokens: greedy generation is not implemented for "
-                                  "parallel.strategy=megatron; set stage.eval_max_new_tokens=0")
+        """Greedy continuation of left-padded prompts, [B, prompt + new], as transformers' ``generate``
+        returns it (prompt padding kept, pad after a row's EOS, stops when every row has ended).
+
+        No KV cache: every new token re-runs the whole prefix. The prompts are re-laid RIGHT-padded,
+        so plain causal attention is exact for every real token (module docstring), and row b's next
+        token is read at its own last position. The argmax is taken over the vocabulary-parallel
+        logits without gathering them: each tensor rank's best (value, index), then the best of those.
+        A collective over the tensor and pipeline groups (each data-parallel rank decodes its own rows)."""
+        b, prompt = input_ids.shape
+        lengths = attention_mask.sum(1).long()
+        seq = torch.full((b, prompt + max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
+        for row in range(b):
+            seq[row, :lengths[row]] = input_ids[row, attention_mask[row].bool()]
+        rows = torch.arange(b, device=input_ids.device)
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        new = []
+        for step in range(max_new_tokens):
+            ends = lengths + step  # each row's length so far
+            token = self._forward({"input_ids": seq[:, :int(ends.max())]},
+                                  lambda logits, _: self._vocab_parallel_argmax(logits[rows, ends - 1]),
+                                  (b,), torch.long)
+            token = torch.where(done, torch.full_like(token, pad_token_id), token)
+            seq[rows, ends] = token
+            new.append(token)
+            done |= token == eos_token_id
+            if bool(done.all()):
+                break
+        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
+
+    def _vocab_parallel_argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Global argmax [B] of vocabulary-parallel logits [B, V/tp] (the lowest index among equal
+        maxima, as torch.argmax over the full vocabulary picks)."""
+        local = logits.float().argmax(-1)
+        value = logits.float().gather(-1, local[:, None])[:, 0]
+        index = local + self.topology.tp_rank * logits.shape[-1]
+        if self.topology.tp == 1:
+            return index
+        group = parallel_state.get_tensor_model_parallel_group()
+        values = [torch.empty_like(value) for _ in range(self.topology.tp)]
+        indices = [torch.empty_like(index) for _ in range(self.topology.tp)]
+        dist.all_gather(values, value, group=group)
+        dist.all_gather(indices, index, group=group)
+        best = torch.stack(values).argmax(0)  # the first (lowest-vocabulary) rank holding the maximum
+        return torch.stack(indices).gather(0, best[None])[0]
 
     def outputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if getattr(self._hf, "is_reward_model", False):
-            raise NotImplementedError("stage.type=reward: reward heads are not implemented for the megatron strategy")
-        return self.token_logps(batch)
+        """Token log-probs [B, T] for a CausalLM, attribute scores [B, A] for a reward model."""
+        if not self.reward:
+            return self.token_logps(batch)
+        return self._forward(batch, self._scores, (batch["input_ids"].shape[0], len(self._hf.attributes)),
+                             torch.float32)
+
+    @staticmethod
+    def _scores(head_out: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A reward model's [B, A] scores: the head's output at each row's last real token."""
+        rows = torch.arange(head_out.shape[0], device=head_out.device)
+        return head_out[rows, batch["last_index"]].float()
 
     def _build_chunks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """Convert the HF ``model`` into this rank's GPTModel chunk(s) (``self.chunks``), leave the HF
         object as a meta-device shell, and return the chunks as the schedules run them (Float16Module
         for bf16)."""
         dtype = torch.bfloat16 if self.parallel.precision == "bf16" else torch.float32
-        self.hf_config = model.config
+        # A reward model (trainer.models.reward.RewardModel) is its CausalLM backbone with the output
+        # layer replaced by its attribute head; the backbone's LM head is never run.
+        self.reward = getattr(model, "is_reward_model", False)
+        hf = model.backbone if self.reward else model
+        self.hf_config = hf.config
         self.config = convert.transformer_config(
             model.config, self.topology.tp, self.topology.pp, self.vpp, dtype,
             use_cpu_init=self.topology.device.type == "cpu", sequence_parallel=self.parallel.sequence_parallel,
@@ -128,19 +197,24 @@ class MegatronStrategy:
             # Topology does not pass it (megatron's embedding-group and stage getters read it).
             parallel_state.set_virtual_pipeline_model_parallel_world_size(self.vpp)
             parallel_state.set_virtual_pipeline_model_parallel_rank(0)
-        hf_state = model.state_dict()
+        hf_state = hf.state_dict()
         self.chunks = []  # the bare GPTModel chunks (names, sharded state dicts, export)
         for vp in range(self.vpp):
             vp_stage = vp if self.vpp > 1 else None
             # Explicit rather than parallel_state.is_pipeline_*_stage, which ignore vp_stage whenever
             # parallel_state was initialised without a virtual size.
+            last = self.topology.pp_rank == self.topology.pp - 1 and vp == self.vpp - 1
             chunk = convert.build_gpt_model(
-                model.config, self.config, vp_stage=vp_stage,
-                pre_process=self.topology.pp_rank == 0 and vp == 0,
-                post_process=self.topology.pp_rank == self.topology.pp - 1 and vp == self.vpp - 1)
-            convert.load_hf_weights(chunk, hf_state, model.config, self.topology.tp_rank, self.topology.tp)
+                self.hf_config, self.config, vp_stage=vp_stage, pre_process=self.topology.pp_rank == 0 and vp == 0,
+                post_process=last, tie_output=False if self.reward else None)
+            convert.load_hf_weights(chunk, hf_state, self.hf_config, self.topology.tp_rank, self.topology.tp)
+            if self.reward and last:
+                chunk.output_layer = _RewardHead(model.head)
             self.chunks.append(chunk.to(device=self.topology.device, dtype=dtype))
         del hf_state
+        # Frozen and never run, but part of the exported backbone when untied.
+        untied = self.reward and not self.hf_config.tie_word_embeddings and self.topology.is_main
+        self._lm_head = hf.get_output_embeddings().weight.detach().clone() if untied else None
         # Keep only the HF shell (config, save_pretrained); its weights live in the chunks now.
         self._hf = model.to("meta")
 
@@ -242,8 +316,9 @@ class MegatronStrategy:
                                       "parallel.strategy=megatron does not run")
         scale = len(batches) * self.topology.dp
 
-        def loss_func(batch, logits):
-            share = loss_fn(self._logps(logits, batch["labels"]), batch)
+        def loss_func(batch, output):
+            outputs = self._scores(output, batch) if self.reward else self._logps(output, batch["labels"])
+            share = loss_fn(outputs, batch)
             return share * scale, {"share": share.detach()}
 
         for m in self.model:
@@ -268,17 +343,23 @@ class MegatronStrategy:
         return {"loss": total, "grad_norm": float(grad_norm), "lr": lr}
 
     @torch.no_grad()
-    def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward only: log p(labels | context), [B, T], on every rank (not differentiable)."""
-        def loss_func(b, logits, non_loss_data=True):
-            return self._logps(logits, b["labels"])
+    def _forward(self, batch: dict[str, torch.Tensor], read: Callable, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """Forward only: ``read(output, batch)`` on the last pipeline stage (output: this rank's
+        vocabulary slice of the logits, or the reward head's scores), a ``shape`` tensor broadcast to
+        the whole pipeline group."""
+        def loss_func(b, output, non_loss_data=True):
+            return read(output, b)
 
         # The interleaved schedule needs at least pp micro-batches; repeat the batch and keep the first.
         copies = self.topology.pp if self.vpp > 1 else 1
         stored = self._run([batch] * copies, loss_func, forward_only=True)
-        t = batch["input_ids"].shape[1]
-        out = stored[0][:, :t] if stored else torch.empty(batch["input_ids"].shape, device=self.topology.device)
-        return self._from_last_stage(out.float())
+        out = stored[0] if stored else torch.empty(shape, dtype=dtype, device=self.topology.device)
+        return self._from_last_stage(out.to(dtype))
+
+    def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward only: log p(labels | context), [B, T], on every rank (not differentiable)."""
+        return self._forward(batch, lambda logits, b: self._logps(logits, b["labels"]), batch["input_ids"].shape,
+                             torch.float32)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _sharded_state_dict(self, client_state: dict | None, loading: bool) -> dict:
@@ -359,15 +440,19 @@ class MegatronStrategy:
             return None
         tp_group = parallel_state.get_tensor_model_parallel_group()
         stage: dict[str, torch.Tensor] = {}
+        prefix = "backbone." if self.reward else ""
         for chunk in self.chunks:
             for name, (layer, param) in convert.local_params(chunk).items():
+                if self.reward and name.startswith("output_layer."):  # the head, whole on every rank
+                    stage["head." + name.split(".", 1)[1]] = param.detach().float().cpu()
+                    continue
                 if name == "output_layer.weight" and self.hf_config.tie_word_embeddings:
                     continue  # the copy of the embedding the last stage keeps
                 local = param.detach().float().contiguous()
                 shards = [torch.empty_like(local) for _ in range(self.topology.tp)]
                 dist.all_gather(shards, local, group=tp_group)
                 if self.topology.tp_rank == 0:
-                    names = convert.hf_names(name, layer, self.hf_config)
+                    names = [prefix + n for n in convert.hf_names(name, layer, self.hf_config)]
                     tensors = convert.from_megatron_shards(name, [s.cpu() for s in shards], self.hf_config)
                     stage.update(zip(names, tensors))
         if self.topology.tp_rank != 0:
@@ -380,5 +465,7 @@ class MegatronStrategy:
         if not self.topology.is_main:
             return None
         full = {k: v for s in stages for k, v in s.items()}
+        if self._lm_head is not None:
+            full["backbone.lm_head.weight"] = self._lm_head
         dtype = torch.bfloat16 if self.parallel.precision == "bf16" else torch.float32
         return {k: v.to(dtype) for k, v in sorted(full.items())}
