@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -94,6 +95,15 @@ def all_reduce_sums(values: list[torch.Tensor], group) -> list[float]:
     return stacked.tolist()
 
 
+def from_main(value, topology: Topology):
+    """``value`` as rank 0 has it, on every rank (one pickled broadcast over the world): for what a
+    rank reads from its local disk when every rank must act on the same answer."""
+    box = [value if topology.is_main else None]
+    if topology.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def read_stage_result(directory: Path) -> dict | None:
     marker = directory / STAGE_MARKER
     return json.loads(marker.read_text()) if marker.is_file() else None
@@ -115,6 +125,11 @@ def maybe_inject_fault(step: int, stage: str | None = None) -> None:
     if wanted is not None and wanted in (str(step), f"{stage}:{step}"):
         sys.stdout.flush()
         sys.stderr.flush()
+        # A real failure takes the worker's helper processes down with it (the scheduler kills the
+        # whole job); left running, they would hold its stdout open. megatron's checkpoint writer
+        # keeps one (a multiprocessing manager).
+        for child in multiprocessing.active_children():
+            child.kill()
         os._exit(17)
 
 

@@ -110,12 +110,13 @@ def _cached_reference(cfg: DictConfig, topology: Topology, tokenizer, splits: di
     cache_dir = Path(cfg.data.cache_dir)
     model_key = reference.model_fingerprint(ref_cfg, len(tokenizer), cfg.run.seed, cache_dir)
     tok_key = reference.tokenizer_fingerprint(tokenizer)
-    tables, missing = {}, []  # split -> (cache path, [N, 4] table or None)
-    for name, (pairs, files) in splits.items():
-        path = reference.cache_path(files, model_key, tok_key, cfg.data)
-        tables[name] = (path, reference.load_table(path, len(pairs)))
-        if tables[name][1] is None:
-            missing.append(name)
+    paths = {name: reference.cache_path(files, model_key, tok_key, cfg.data) for name, (_, files) in splits.items()}
+    # Rank 0 reads the cache and hands its tables to every rank, so all ranks agree on what is missing
+    # (the reference forward below is a collective) even where other nodes do not share its disk.
+    found = common.from_main({name: reference.load_table(paths[name], len(pairs))
+                              for name, (pairs, _) in splits.items()} if topology.is_main else None, topology)
+    tables = {name: (paths[name], found[name]) for name in splits}  # split -> (cache path, [N, 4] table or None)
+    missing = [name for name in splits if found[name] is None]
     forwarded = torch.zeros((), dtype=torch.float64)
     if missing:
         strategy = _reference_strategy(cfg, topology, len(tokenizer))
