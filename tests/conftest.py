@@ -37,13 +37,22 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def run_stagecraft(run_dir: Path, overrides: list[str], cache: Path, nproc: int = 1, env: dict | None = None,
-                   check: bool = True) -> subprocess.CompletedProcess:
-    """`stagecraft run.dir=... <overrides>` as a user types it; nproc > 1 goes through its torchrun launch."""
+                   check: bool = True, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`stagecraft run.dir=... <overrides>` as a user types it; nproc > 1 goes through its torchrun launch.
+
+    ``script``: a test-only entry point that patches something and then runs the same command (e.g.
+    tests/megatron_cli.py); torchrun starts it directly, since the command's own launch would not."""
     # A model loaded from model.path has no model.config to shrink.
     tiny = [o for o in TINY if not ("model=hf" in overrides and o.startswith("model.config."))]
-    cmd = [sys.executable, "-m", "trainer.cli", f"run.dir={run_dir}", *tiny, *overrides]
-    if nproc > 1:
-        cmd += [f"cluster.nproc_per_node={nproc}", f"cluster.master_port={free_port()}"]
+    args = [f"run.dir={run_dir}", *tiny, *overrides]
+    if script is not None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", str(script), *args, f"cluster.nproc_per_node={nproc}",
+               "hydra.output_subdir=null"]
+    else:
+        cmd = [sys.executable, "-m", "trainer.cli", *args]
+        if nproc > 1:
+            cmd += [f"cluster.nproc_per_node={nproc}", f"cluster.master_port={free_port()}"]
     full_env = {**os.environ, "STAGECRAFT_CACHE": str(cache), "OMP_NUM_THREADS": "1", **(env or {})}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(var, None)

@@ -8,14 +8,19 @@ Modes:
   train      SFT steps through MegatronStrategy (GlobalBatchPlan micro-batches, the stage's
              ``micro_batch_loss``), optionally saving at / resuming from a dist checkpoint.
   reference  the same SFT steps in plain PyTorch on the HF model (1 process): the independent reference.
-  dpo        DPO steps (the preference stage's ``micro_batch_loss``, loss=dpo) on tiny synthetic pairs, with
-             reference log-probs from a forward-only ``setup_inference`` model of the same weights.
+  dpo        preference steps (the preference stage's ``micro_batch_loss``; loss dpo | ipo | rpo,
+             sft_weight, average_logps, reference_mode from each of ``opts["variants"]``) on tiny synthetic
+             pairs, with reference log-probs from a forward-only ``setup_inference`` model of the same
+             weights: a cached table (pair_logps_table + attach), or per micro-batch when online.
+  pref_reference  the same preference steps in plain PyTorch (1 process, a frozen copy of the initial HF
+             model as the reference), for each of ``opts["variants"]``: the independent reference.
 
 Applies the test-only CPU compatibility layer for megatron-core first.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -48,9 +53,15 @@ OPTIM = DictConfig({"lr": 3e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps"
 
 
 def tiny_model(arch: str, tied: bool, layers: int, seed: int = 0) -> torch.nn.Module:
+    family = {}
+    if arch == "nemotron":
+        # Half of each head rotated; an eps large enough that a mapping ignoring norm_eps fails the 1e-5
+        # bound; the tied variant also has every linear bias (attention_bias = mlp_bias, as megatron needs).
+        family = {"hidden_act": "relu2", "partial_rotary_factor": 0.5, "norm_eps": 1e-3,
+                  "attention_bias": tied, "mlp_bias": tied}
     config = AutoConfig.for_model(arch, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                  tie_word_embeddings=tied, max_position_embeddings=128)
+                                  tie_word_embeddings=tied, max_position_embeddings=128, **family)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     with torch.no_grad():  # non-trivial norms and biases, so a mapping that drops them shows
@@ -93,7 +104,8 @@ def run_convert(opts: dict, topology) -> dict:
     from trainer.parallel.megatron import MegatronStrategy
 
     results = {}
-    for arch, tied in (("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)):
+    for arch, tied in (("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True), ("nemotron", False),
+                       ("nemotron", True)):
         hf = tiny_model(arch, tied, layers=opts.get("layers", 2)).eval()
         reference = {k: v.clone() for k, v in hf.state_dict().items()}
         ids = torch.randint(1, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
@@ -175,31 +187,51 @@ def run_train(opts: dict, topology) -> dict:
     return {"records": records, "local_loss_consistent": consistent, "roundtrip_bit_exact": roundtrip}
 
 
-def run_dpo(opts: dict, topology) -> dict:
-    """DPO as the preference stage runs it: cached reference table from a ``setup_inference`` model
-    (pair_logps_table + attach), then train_step with the stage's per-pair ``micro_batch_loss``."""
+def pref_setup(opts: dict, dp: int):
+    """The preference stage config (``loss``, ``beta``, ``sft_weight``, ``average_logps``,
+    ``reference_mode`` from ``opts``), the tokenised synthetic pairs (with the verifier's rewards, which
+    rpo reads), the pad id and the batch plan."""
     from omegaconf import OmegaConf
 
     from trainer.config.schema import PreferenceStageConfig
     from trainer.data import build_embedded_tokenizer
-    from trainer.data.preference import collate_pairs, synthetic_preference_records, tokenize_pair
-    from trainer.parallel.megatron import MegatronStrategy
-    from trainer.stages import preference, reference
+    from trainer.data.preference import synthetic_preference_records, tokenize_pair
 
-    stage = OmegaConf.merge(OmegaConf.structured(PreferenceStageConfig), {"loss": "dpo", "beta": 0.1})
+    overrides = {k: opts[k] for k in ("loss", "beta", "sft_weight", "average_logps", "reference_mode") if k in opts}
+    stage = OmegaConf.merge(OmegaConf.structured(PreferenceStageConfig), {"beta": 0.1}, overrides)
     tok = build_embedded_tokenizer(VOCAB, opts["cache"])
     records = synthetic_preference_records(opts.get("pairs", 16), seed=5, families=["reverse", "sort", "upper"])
     pairs = [p for p in (tokenize_pair(tok, r, 48) for r in records) if p is not None]
-    pad = tok.pad_token_id
-    gbs, mbs, steps = opts.get("gbs", 4), opts.get("mbs", 2), opts["steps"]
-    plan = GlobalBatchPlan(len(pairs), gbs, mbs, topology.dp, seed=11)
-    layers = opts.get("layers", 2)
+    plan = GlobalBatchPlan(len(pairs), opts.get("gbs", 4), opts.get("mbs", 2), dp, seed=11)
+    return stage, pairs, tok.pad_token_id, plan
 
+
+def run_dpo(opts: dict, topology) -> dict:
+    """Megatron preference steps, one result per variant in ``opts["variants"]`` (option overrides), all
+    in this launch's layout (a launch costs far more than a variant)."""
+    return {name: _dpo({**opts, **variant}, topology) for name, variant in opts["variants"].items()}
+
+
+def _dpo(opts: dict, topology) -> dict:
+    """Preference steps as the preference stage runs them: reference log-probs from a ``setup_inference``
+    model (a cached table via pair_logps_table + attach, or ``token_logps`` per micro-batch for
+    ``reference_mode=online``, as the stage's loop does), then train_step with the stage's
+    ``micro_batch_loss``."""
+    from trainer.data.preference import collate_pairs
+    from trainer.parallel.megatron import MegatronStrategy
+    from trainer.stages import preference, reference
+
+    stage, pairs, pad, plan = pref_setup(opts, topology.dp)
+    mbs, steps, layers = plan.micro_batch_size, opts["steps"], opts.get("layers", 2)
+    online = stage.reference_mode == "online"
     ref = MegatronStrategy(parallel_config(opts), topology)
     ref.setup_inference(tiny_model("qwen2", True, layers=layers), mbs)
-    table, _ = reference.pair_logps_table(ref, pairs, pad, mbs, topology)
-    reference.attach(pairs, table, stage.average_logps)
-    del ref
+    table_sum = None
+    if not online:
+        table, _ = reference.pair_logps_table(ref, pairs, pad, mbs, topology)
+        reference.attach(pairs, table, stage.average_logps)
+        table_sum = table[:, :2].sum().item()
+        del ref
 
     strategy = MegatronStrategy(parallel_config(opts), topology)
     strategy.setup(tiny_model("qwen2", True, layers=layers), OPTIM, mbs, plan.grad_accum, steps)
@@ -207,12 +239,112 @@ def run_dpo(opts: dict, topology) -> dict:
     records_out = []
     for step in range(steps):
         batches = [collate_pairs([pairs[i] for i in ids], pad) for ids in plan.micro_batches(step, topology.dp_rank)]
+        if online:
+            with torch.no_grad():
+                for batch in batches:
+                    batch["ref_chosen"], batch["ref_rejected"], _, _ = reference.pair_logps(
+                        ref.token_logps(batch), batch, stage.average_logps)
         sums: dict = {}
         info = strategy.train_step(batches, lambda logps, batch: preference.micro_batch_loss(
-            logps, batch, stage, gbs, sums))
+            logps, batch, stage, plan.global_batch_size, sums))
         loss = all_reduce_sum(info["loss"], topology.dp_group).item()
-        records_out.append({"step": step + 1, "loss": loss, "grad_norm": info["grad_norm"]})
-    return {"records": records_out, "pairs": len(pairs), "ref_table_sum": table[:, :2].sum().item()}
+        records_out.append({"step": step + 1, "loss": loss, "grad_norm": info["grad_norm"], "lr": info["lr"]})
+    return {"records": records_out, "pairs": len(pairs), "ref_table_sum": table_sum}
+
+
+def plain_adamw(model: torch.nn.Module, steps: int):
+    """run_reference's optimizer: AdamW with decay on >= 2-D params only, and the LR multiplier."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=OPTIM.lr,
+                                  betas=tuple(OPTIM.betas), eps=OPTIM.eps)
+    schedule = functools.partial(lr_multiplier, total_steps=steps, warmup_steps=OPTIM.warmup_steps,
+                                 schedule=OPTIM.schedule, min_lr_ratio=OPTIM.min_lr_ratio)
+    return optimizer, schedule
+
+
+def plain_update(model, optimizer, schedule, step: int, loss: torch.Tensor) -> tuple[float, float]:
+    """run_reference's update: backward, clip at OPTIM.grad_clip, scheduled LR, AdamW step; returns
+    the pre-clip grad norm and the LR."""
+    optimizer.zero_grad()
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.grad_clip).item()
+    lr = OPTIM.lr * schedule(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return grad_norm, lr
+
+
+def run_pref_reference(opts: dict) -> dict:
+    """Plain-PyTorch preference steps, one result per variant in ``opts["variants"]`` (option overrides)."""
+    return {name: _pref_reference({**opts, **variant}) for name, variant in opts["variants"].items()}
+
+
+def _pref_reference(opts: dict) -> dict:
+    """The HF model on each whole global batch (chosen and rejected rows in one forward), reference
+    log-probs from a frozen copy of the initial model (``sequence_logps``, not the stage's
+    pair_logps), the stage's ``micro_batch_loss`` and run_reference's optimizer."""
+    from trainer.data.preference import collate_pairs
+    from trainer.losses import sequence_logps
+    from trainer.stages import preference
+
+    stage, pairs, pad, plan = pref_setup(opts, dp=1)
+    steps, gbs = opts["steps"], plan.global_batch_size
+    model = tiny_model("qwen2", True, layers=opts.get("layers", 2))
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    optimizer, schedule = plain_adamw(model, steps)
+
+    def frozen_logps(batch: dict, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            seq = sequence_logps(frozen(input_ids=batch["input_ids"]).logits, batch["labels"], batch["loss_mask"],
+                                 average)
+        n = seq.shape[0] // 2
+        return seq[:n], seq[n:]
+
+    table_sum = sum(x.sum() for x in frozen_logps(collate_pairs(pairs, pad), average=False)).item()
+    records = []
+    for step in range(steps):
+        batch = collate_pairs([pairs[i] for i in plan.global_batch(step)], pad)
+        batch["ref_chosen"], batch["ref_rejected"] = frozen_logps(batch, stage.average_logps)
+        sums: dict = {}
+        logps = token_logps(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+        loss = preference.micro_batch_loss(logps, batch, stage, gbs, sums)  # the whole batch: its share is 1
+        grad_norm, lr = plain_update(model, optimizer, schedule, step, loss)
+        records.append({"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm, "lr": lr,
+                        "pref_loss": sums["pref_loss"].item() / gbs, "sft_loss": sums["sft_loss"].item() / gbs,
+                        "ref_nll_chosen": -batch["ref_chosen"].mean().item(),
+                        "reward_gaps": sorted(set((batch["chosen_reward"] - batch["rejected_reward"]).tolist()))})
+    return {"records": records, "pairs": len(pairs), "ref_table_sum": table_sum}
+
+
+def run_generate(opts: dict, topology) -> dict:
+    """Greedy generation of left-padded prompts: MegatronStrategy.generate vs transformers' generate
+    on the same weights; EOS is a token row 0 emits early, so rows end at different steps."""
+    from trainer.parallel.megatron import MegatronStrategy
+
+    lengths = [5, 12, 9, 3]
+    g = torch.Generator().manual_seed(21)
+    ids = torch.full((len(lengths), max(lengths)), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = torch.randint(1, VOCAB, (n,), generator=g)
+        mask[row, -n:] = 1
+    hf = tiny_model("llama", False, layers=opts.get("layers", 2)).eval()
+
+    def hf_generate(eos: int, new: int) -> torch.Tensor:
+        with torch.no_grad():
+            return hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                               eos_token_id=eos, pad_token_id=PAD)
+
+    new = opts.get("new_tokens", 12)
+    eos = int(hf_generate(VOCAB - 1, new)[0, max(lengths) + 2])  # row 0's third token
+    expected = hf_generate(eos, new)
+    strategy = MegatronStrategy(parallel_config(opts), topology)
+    strategy.setup_inference(tiny_model("llama", False, layers=opts.get("layers", 2)), len(lengths))
+    got = strategy.generate(ids, mask, new, eos, PAD)
+    return {"expected": expected.tolist(), "got": got.tolist(), "eos": eos}
 
 
 def rank_dp(rank: int, topology) -> int:
@@ -253,14 +385,14 @@ def run_reference(opts: dict) -> dict:
 def main() -> None:
     mode, opts, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
     torch.set_num_threads(1)
-    if mode == "reference":
-        result = run_reference(opts)
+    if mode in ("reference", "pref_reference"):
+        result = (run_reference if mode == "reference" else run_pref_reference)(opts)
         out.write_text(json.dumps(result))
         return
     from trainer.parallel.topology import Topology
 
     topology = Topology.initialize(parallel_config(opts))
-    run = {"convert": run_convert, "dpo": run_dpo}.get(mode, run_train)
+    run = {"convert": run_convert, "dpo": run_dpo, "generate": run_generate}.get(mode, run_train)
     result = run(opts, topology)
     if topology.is_main:
         out.write_text(json.dumps(result))

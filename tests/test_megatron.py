@@ -2,8 +2,9 @@
 
 Every distributed run is a subprocess (tests/megatron_worker.py, under torchrun for > 1 process)
 because the compat layer patches torch process-wide. References are independent of megatron:
-transformers' own logits, the HF state dict itself, and a plain-PyTorch SFT loop (AdamW, clipping, the
-same LR schedule, the same GlobalBatchPlan batches and the stage's ``micro_batch_loss``).
+transformers' own logits, the HF state dict itself, and plain-PyTorch SFT and preference loops (AdamW,
+clipping, the same LR schedule, the same GlobalBatchPlan batches and the stages' ``micro_batch_loss``; a
+frozen copy of the initial HF model as the preference reference).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def tp2(work) -> dict:
 @pytest.mark.parametrize("tp", [1, 2])
 def test_hf_import_matches_transformers_and_round_trips(work, tp):
     results = run_worker("convert", {"tp": tp, "export": str(work / f"export-tp{tp}")}, work, nproc=tp)
-    assert sorted(results) == ["llama-tied", "llama-untied", "qwen2-tied", "qwen2-untied"]
+    assert sorted(results) == ["llama-tied", "llama-untied", "nemotron-tied", "nemotron-untied", "qwen2-tied",
+                               "qwen2-untied"]
     for family, r in results.items():
         assert r["local_vocab"] == 400 // tp, family  # the logits really are vocabulary-sharded
         assert r["logits_err"] <= TOL, (family, r)  # gathered megatron logits vs transformers
@@ -141,26 +143,68 @@ def test_interleaved_pipeline_matches_single_process(work):
     assert out["roundtrip_bit_exact"]
 
 
-# ---- DPO: reference from setup_inference, the preference stage's loss ----------------------------------
+# ---- greedy generation ---------------------------------------------------------------------------------
+@pytest.mark.distributed
+def test_generation_matches_transformers(work):
+    """TP=2 x PP=2: left-padded prompts of different lengths, an EOS that ends row 0 early (padding after
+    it, the other rows running on): the same tokens as transformers' greedy ``generate``."""
+    out = run_worker("generate", {"tp": 2, "pp": 2}, work, nproc=4)
+    assert out["got"] == out["expected"]
+    row0 = out["expected"][0]
+    assert row0.index(out["eos"]) < len(row0) - 1 and row0[-1] == 0  # row 0 ended early and was padded
+    assert all(row[-1] != 0 for row in out["expected"][1:3])  # rows still generating at the end
+
+
+# ---- preference: megatron vs a plain-PyTorch loop, the preference stage's loss ------------------------
 DPO_STEPS = 4
+# Stage overrides, each run by the plain-PyTorch reference once; beta 0.1, sft_weight 0 unless given.
+PREF_VARIANTS = {"dpo_sft": {"loss": "dpo", "sft_weight": 0.5}, "ipo_avg": {"loss": "ipo", "average_logps": True},
+                 "rpo": {"loss": "rpo"}}
 
 
 @pytest.fixture(scope="module")
-def dpo_single(work, cache_dir) -> dict:
-    return run_worker("dpo", {"steps": DPO_STEPS, "cache": str(cache_dir)}, work)
+def pref_reference(work, cache_dir) -> dict:
+    return run_worker("pref_reference", {"steps": DPO_STEPS, "cache": str(cache_dir), "variants": PREF_VARIANTS},
+                      work)
+
+
+def test_preference_reference_closed_forms(pref_reference):
+    """Step 1: the policy is the reference, so h = 0 for every pair. DPO: -log sigmoid(0) = log 2, plus
+    sft_weight times the chosen NLL under the reference. IPO: (0 - 1/(2 beta))^2. RPO (bwd_kl): with
+    a = 0 and b = eta * (1 - 0) = 1 (the verifier's rewards), KL(Bern(s) || Bern(1/2)) with s = sigma(1)."""
+    dpo, ipo, rpo = (pref_reference[k]["records"][0] for k in ("dpo_sft", "ipo_avg", "rpo"))
+    assert dpo["pref_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert dpo["sft_loss"] == pytest.approx(dpo["ref_nll_chosen"], rel=1e-6)  # the policy's NLL == the reference's
+    assert dpo["loss"] == pytest.approx(math.log(2) + 0.5 * dpo["ref_nll_chosen"], rel=1e-6)
+    assert ipo["loss"] == pytest.approx(1 / (4 * 0.1 ** 2), rel=1e-6)
+    s = 1 / (1 + math.exp(-1))
+    assert rpo["reward_gaps"] == [1.0]
+    assert rpo["loss"] == pytest.approx(s * math.log(2 * s) + (1 - s) * math.log(2 * (1 - s)), rel=1e-6)
+    for variant in pref_reference.values():
+        losses = [r["loss"] for r in variant["records"]]
+        assert len(set(losses)) == DPO_STEPS, losses  # the policy moves
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("opts", [{"tp": 2}, {"pp": 2}], ids=["tp2", "pp2"])
-def test_dpo_matches_single_process(dpo_single, work, cache_dir, opts):
-    """Policy == reference at step 1, so every pair's DPO loss is -log sigmoid(0) = log 2; later steps
-    and the reference table itself must not depend on the layout."""
-    assert dpo_single["records"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    out = run_worker("dpo", {"steps": DPO_STEPS, "cache": str(cache_dir), **opts}, work, nproc=2)
-    assert out["pairs"] == dpo_single["pairs"] >= 8
-    assert out["ref_table_sum"] == pytest.approx(dpo_single["ref_table_sum"], rel=1e-6)
-    for r, g in zip(dpo_single["records"], out["records"], strict=True):
-        assert abs(r["loss"] - g["loss"]) <= TOL and abs(r["grad_norm"] - g["grad_norm"]) <= TOL, (r, g)
+@pytest.mark.parametrize("opts, nproc, variants", [
+    ({"tp": 2}, 2, {"dpo_sft": PREF_VARIANTS["dpo_sft"]}),
+    ({"pp": 2}, 2, {"ipo_avg": PREF_VARIANTS["ipo_avg"]}),
+    ({}, 2, {"rpo": PREF_VARIANTS["rpo"]}),
+    ({"tp": 2, "pp": 2}, 4, {"dpo_sft": PREF_VARIANTS["dpo_sft"],
+                             "dpo_sft/online": {**PREF_VARIANTS["dpo_sft"], "reference_mode": "online"}}),
+], ids=["dpo_sft-tp2", "ipo_avg-pp2", "rpo-dp2", "dpo_sft_cached_and_online-tp2xpp2"])
+def test_preference_matches_plain_pytorch(pref_reference, work, cache_dir, opts, nproc, variants):
+    """Megatron (reference log-probs from a setup_inference model: the cached table, or per micro-batch
+    online) equals the plain-PyTorch loop with a frozen HF reference, step by step; the cached table
+    equals the frozen model's log-probs."""
+    out = run_worker("dpo", {"steps": DPO_STEPS, "cache": str(cache_dir), "variants": variants, **opts}, work,
+                     nproc=nproc)
+    for name, got in out.items():
+        ref = pref_reference[name.split("/")[0]]
+        assert got["pairs"] == ref["pairs"] >= 8
+        if got["ref_table_sum"] is not None:  # cached mode
+            assert got["ref_table_sum"] == pytest.approx(ref["ref_table_sum"], rel=1e-6)
+        assert_trajectory(ref["records"], got["records"])
 
 
 # ---- dist_checkpointing: save at TP=2, resume in other layouts ----------------------------------------
@@ -208,7 +252,14 @@ def test_unsupported_models_are_refused_by_name():
         check_supported(AutoConfig.for_model("mistral"))  # sliding_window=4096 by default
     with pytest.raises(NotImplementedError, match="model.arch"):
         check_supported(AutoConfig.for_model("gpt2"))
+    with pytest.raises(NotImplementedError, match="model.config.hidden_act"):
+        check_supported(AutoConfig.for_model("nemotron", hidden_act="gelu"))
+    with pytest.raises(NotImplementedError, match="model.config.mlp_bias"):  # megatron biases all linears or none
+        check_supported(AutoConfig.for_model("nemotron", attention_bias=True))
+    with pytest.raises(NotImplementedError, match="model.config.rope_parameters"):
+        check_supported(AutoConfig.for_model("nemotron", rope_parameters={"rope_type": "linear", "factor": 2.0}))
     check_supported(AutoConfig.for_model("mistral", sliding_window=None))
+    check_supported(AutoConfig.for_model("nemotron"))  # relu2, partial rotary 0.5, no biases
 
 
 def test_compat_layer_refuses_another_megatron_version(monkeypatch):
