@@ -141,6 +141,9 @@ class DeepSpeedStrategy:
         """The (wrapped-in-place) Hugging Face model."""
         return self.engine.module
 
+    def from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor  # no pipeline stages
+
     def train(self) -> None:
         self.engine.train()
 

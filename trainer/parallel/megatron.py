@@ -296,14 +296,15 @@ class MegatronStrategy:
         """log p(labels) per position from this rank's vocabulary slice of the logits, [B, T] float32."""
         return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
 
-    def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Broadcast a tensor the last pipeline stage holds to the whole pipeline group."""
+    def from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Broadcast a tensor the last pipeline stage holds to the whole pipeline group (through the
+        device: NCCL cannot send CPU tensors); returned where it came from."""
         if self.topology.pp == 1:
             return tensor
-        tensor = tensor.contiguous()
-        dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        out = tensor.to(self.topology.device).contiguous()
+        dist.broadcast(out, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
-        return tensor
+        return out.to(tensor.device)
 
     def train_step(self, batches: list[dict[str, torch.Tensor]], loss_fn: LossFn,
                    on_micro_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -328,7 +329,7 @@ class MegatronStrategy:
         total = torch.zeros((), dtype=torch.float64, device=self.topology.device)
         for item in stored:  # only the last stage stores anything
             total += item["share"].double()
-        total = self._from_last_stage(total).cpu()
+        total = self.from_last_stage(total).cpu()
 
         lr = self.base_lr * self.schedule(self.step)
         for group in self.optimizer.param_groups:
@@ -354,7 +355,7 @@ class MegatronStrategy:
         copies = self.topology.pp if self.vpp > 1 else 1
         stored = self._run([batch] * copies, loss_func, forward_only=True)
         out = stored[0] if stored else torch.empty(shape, dtype=dtype, device=self.topology.device)
-        return self._from_last_stage(out.to(dtype))
+        return self.from_last_stage(out.to(dtype))
 
     def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward only: log p(labels | context), [B, T], on every rank (not differentiable)."""

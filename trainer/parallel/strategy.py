@@ -47,6 +47,11 @@ class Strategy(Protocol):
                  eos_token_id: int, pad_token_id: int) -> torch.Tensor:
         """Greedy continuation of left-padded prompts, [B, prompt + new]; a collective."""
 
+    def from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as the last pipeline stage holds it, on every rank of its pipeline: what a loss_fn
+        recorded on the side during ``train_step`` (only the last stage runs loss_fn). A collective;
+        the identity without pipeline parallelism."""
+
     def train(self) -> None: ...
 
     def eval(self) -> None: ...

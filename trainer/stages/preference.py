@@ -198,10 +198,12 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
         sums: dict[str, torch.Tensor] = {}
         info = strategy.train_step(batches, lambda logps, batch: micro_batch_loss(
             logps, batch, stage, stage.global_batch_size, sums))
-        keys = [key for key in METRICS if key in sums]  # the same keys on every rank
+        # The same keys on every rank; under pipeline parallelism only the last stage ran the loss.
+        keys = [key for key in METRICS if key != "target_gap" or stage.loss == "rpo"]
+        zero = torch.zeros((), dtype=torch.float64)
+        local = strategy.from_last_stage(torch.stack([sums.get(key, zero) for key in keys]))
         *totals, tokens, loss = common.all_reduce_sums(
-            [sums[key] for key in keys] + [sum(b["loss_mask"].sum() for b in batches), info["loss"]],
-            topology.dp_group)
+            [*local, sum(b["loss_mask"].sum() for b in batches), info["loss"]], topology.dp_group)
         metrics = {key: total / stage.global_batch_size for key, total in zip(keys, totals)}
         metrics.update({**info, "loss": loss, "response_tokens_per_s": tokens / (time.perf_counter() - t0),
                         "epoch": step // plan.steps_per_epoch})
