@@ -21,6 +21,9 @@ TINY = [
 ]
 
 
+# The stagecraft command with megatron-core's test-only CPU compat layer applied (run_stagecraft script=).
+MEGATRON_CLI = Path(__file__).with_name("megatron_cli.py")
+
 # Six steps with a checkpoint at step 3: long enough to see learning, resume and trajectories.
 STEPS = ["stage.max_steps=6", "checkpoint.every_steps=3"]
 
@@ -77,3 +80,16 @@ def reference(tmp_path_factory, cache_dir) -> Path:
     run = tmp_path_factory.mktemp("ref")
     run_stagecraft(run, [*STEPS, "stage.micro_batch_size=8"], cache_dir)
     return run
+
+
+def assert_same_export(ref: Path, got: Path, files: tuple[str, ...] = ("model.safetensors",),
+                       tol: float = 1e-4) -> None:
+    """Two hf/ exports hold the same tensors. After training, Adam amplifies float noise on near-zero
+    gradients, so the default bound is looser than a loss bound."""
+    from safetensors.torch import load_file
+
+    for name in files:
+        a, b = load_file(str(Path(ref) / name)), load_file(str(Path(got) / name))
+        assert sorted(a) == sorted(b), name
+        worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+        assert worst <= tol, (name, worst)

@@ -4,7 +4,8 @@
 
 Modes:
   convert    megatron logits / log-probs vs transformers on the same weights, and the HF -> megatron -> HF
-             round trip of ``full_state_dict``, for several tiny model families in this layout.
+             round trip of ``full_state_dict``, for several tiny model families in this layout; with
+             "generate", also greedy generation vs transformers' ``generate``.
   train      SFT steps through MegatronStrategy (GlobalBatchPlan micro-batches, the stage's
              ``micro_batch_loss``), optionally saving at / resuming from a dist checkpoint.
   reference  the same SFT steps in plain PyTorch on the HF model (1 process): the independent reference.
@@ -137,6 +138,8 @@ def run_convert(opts: dict, topology) -> dict:
                 with torch.no_grad():
                     entry["export_logits_err"] = (reloaded(input_ids=ids).logits - ref_logits).abs().max().item()
         results[f"{arch}-{'tied' if tied else 'untied'}"] = entry
+    if opts.get("generate"):  # in the same launch: a launch costs more than the whole check
+        results["generate"] = run_generate(opts, topology)
     return results
 
 
@@ -253,7 +256,7 @@ def _dpo(opts: dict, topology) -> dict:
 
 
 def plain_adamw(model: torch.nn.Module, steps: int):
-    """run_reference's optimizer: AdamW with decay on >= 2-D params only, and the LR multiplier."""
+    """The plain-PyTorch references' optimizer: AdamW with decay on >= 2-D params only, and the LR multiplier."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM.weight_decay},
@@ -265,7 +268,7 @@ def plain_adamw(model: torch.nn.Module, steps: int):
 
 
 def plain_update(model, optimizer, schedule, step: int, loss: torch.Tensor) -> tuple[float, float]:
-    """run_reference's update: backward, clip at OPTIM.grad_clip, scheduled LR, AdamW step; returns
+    """The plain-PyTorch references' update: backward, clip at OPTIM.grad_clip, scheduled LR, AdamW step; returns
     the pre-clip grad norm and the LR."""
     optimizer.zero_grad()
     loss.backward()
@@ -357,25 +360,13 @@ def run_reference(opts: dict) -> dict:
     data, plan = sft_setup(opts, dp=1)
     steps = opts["steps"]
     model = tiny_model("qwen2", True, layers=opts.get("layers", 4))
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=OPTIM.lr,
-                                  betas=tuple(OPTIM.betas), eps=OPTIM.eps)
-    schedule = functools.partial(lr_multiplier, total_steps=steps, warmup_steps=OPTIM.warmup_steps,
-                                 schedule=OPTIM.schedule, min_lr_ratio=OPTIM.min_lr_ratio)
+    optimizer, schedule = plain_adamw(model, steps)
     records = []
     for step in range(steps):
         batch = collate([data[i] for i in plan.global_batch(step)], PAD)
         logps = token_logps(model(input_ids=batch["input_ids"]).logits, batch["labels"])
         loss = micro_batch_loss(logps, batch, "token", batch["loss_mask"].sum(), plan.global_batch_size)
-        optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.grad_clip).item()
-        lr = OPTIM.lr * schedule(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+        grad_norm, lr = plain_update(model, optimizer, schedule, step, loss)
         records.append({"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm, "lr": lr})
     if opts.get("weights"):
         torch.save({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, opts["weights"])
@@ -392,7 +383,7 @@ def main() -> None:
     from trainer.parallel.topology import Topology
 
     topology = Topology.initialize(parallel_config(opts))
-    run = {"convert": run_convert, "dpo": run_dpo, "generate": run_generate}.get(mode, run_train)
+    run = {"convert": run_convert, "dpo": run_dpo}.get(mode, run_train)
     result = run(opts, topology)
     if topology.is_main:
         out.write_text(json.dumps(result))

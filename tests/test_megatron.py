@@ -82,11 +82,24 @@ def tp2(work) -> dict:
     return out
 
 
+def assert_generation_matches(out: dict) -> None:
+    """MegatronStrategy.generate at TP=2 (vocabulary-parallel argmax) on left-padded prompts of different
+    lengths, with an EOS that ends row 0 early (padding after it, the other rows running on): the same
+    tokens as transformers' greedy ``generate``."""
+    assert out["got"] == out["expected"]
+    row0 = out["expected"][0]
+    assert row0.index(out["eos"]) < len(row0) - 1 and row0[-1] == 0  # row 0 ended early and was padded
+    assert all(row[-1] != 0 for row in out["expected"][1:3])  # rows still generating at the end
+
+
 # ---- HF import / export ---------------------------------------------------------------------------
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp", [1, 2])
 def test_hf_import_matches_transformers_and_round_trips(work, tp):
-    results = run_worker("convert", {"tp": tp, "export": str(work / f"export-tp{tp}")}, work, nproc=tp)
+    results = run_worker("convert", {"tp": tp, "export": str(work / f"export-tp{tp}"), "generate": tp == 2},
+                         work, nproc=tp)
+    if tp == 2:
+        assert_generation_matches(results.pop("generate"))
     assert sorted(results) == ["llama-tied", "llama-untied", "nemotron-tied", "nemotron-untied", "qwen2-tied",
                                "qwen2-untied"]
     for family, r in results.items():
@@ -141,18 +154,6 @@ def test_interleaved_pipeline_matches_single_process(work):
     out = run_worker("train", {"steps": 2, "layers": 8, "pp": 4, "vpp": 2}, work, nproc=4)
     assert_trajectory(ref["records"], out["records"])
     assert out["roundtrip_bit_exact"]
-
-
-# ---- greedy generation ---------------------------------------------------------------------------------
-@pytest.mark.distributed
-def test_generation_matches_transformers(work):
-    """TP=2 x PP=2: left-padded prompts of different lengths, an EOS that ends row 0 early (padding after
-    it, the other rows running on): the same tokens as transformers' greedy ``generate``."""
-    out = run_worker("generate", {"tp": 2, "pp": 2}, work, nproc=4)
-    assert out["got"] == out["expected"]
-    row0 = out["expected"][0]
-    assert row0.index(out["eos"]) < len(row0) - 1 and row0[-1] == 0  # row 0 ended early and was padded
-    assert all(row[-1] != 0 for row in out["expected"][1:3])  # rows still generating at the end
 
 
 # ---- preference: megatron vs a plain-PyTorch loop, the preference stage's loss ------------------------

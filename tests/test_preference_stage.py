@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_stagecraft, train_records
+from tests.conftest import MEGATRON_CLI, run_stagecraft, train_records
 from trainer.data.preference import synthetic_preference_records
 from trainer.data.synthetic import write_jsonl
 
 pytestmark = pytest.mark.distributed
 FAMILIES = ["reverse", "sort"]
-MEGATRON_CLI = Path(__file__).with_name("megatron_cli.py")
 SIX = ["stage.max_steps=6", "stage.global_batch_size=8", "checkpoint.export_hf=false"]
 
 

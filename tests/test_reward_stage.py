@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import STEPS, run_stagecraft, train_records
+from tests.conftest import MEGATRON_CLI, STEPS, assert_same_export, run_stagecraft, train_records
 from trainer.data.chat import tokenize_chat
 from trainer.data.preference import collate_reward, synthetic_preference_records, tokenize_reward_example
 from trainer.data.records import DataError, read_jsonl
@@ -113,9 +113,16 @@ def test_export_reproduces_eval_mse(trained):
         assert torch.equal(tensor, model.backbone.state_dict()[name]), name
 
 
-def test_zero2_two_processes_match_one_process(tmp_path_factory, cache_dir):
-    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, cache_dir):
+    """The reference layout: 1 process, deepspeed, the global batch of 8 in one micro-batch."""
+    one = tmp_path_factory.mktemp("one")
     run_stagecraft(one, ["stage=reward", *STEPS, "stage.micro_batch_size=8"], cache_dir)
+    return one
+
+
+def test_zero2_two_processes_match_one_process(one_process, tmp_path_factory, cache_dir):
+    one, two = one_process, tmp_path_factory.mktemp("two")
     run_stagecraft(two, ["stage=reward", *STEPS, "parallel=zero2", "stage.micro_batch_size=2"], cache_dir, nproc=2)
     ref, got = train_records(one, "reward"), train_records(two, "reward")
     assert len(ref) == 6 and ref[-1]["loss"] < ref[0]["loss"]
@@ -123,6 +130,20 @@ def test_zero2_two_processes_match_one_process(tmp_path_factory, cache_dir):
     _close([r["grad_norm"] for r in ref], [r["grad_norm"] for r in got], tol=1e-4)
     assert [r["target_entries"] for r in ref] == [r["target_entries"] for r in got]
     assert _result(one, "reward")["eval_mse"] == pytest.approx(_result(two, "reward")["eval_mse"], abs=TOL)
+
+
+def test_megatron_pipeline_parallel_matches_one_process(one_process, tmp_path, cache_dir):
+    """parallel.strategy=megatron at PP=2: the attribute head sits in the last stage's output-layer slot.
+    Losses, eval MSE and the export (backbone + reward_head.safetensors) equal the deepspeed run."""
+    run_stagecraft(tmp_path, ["stage=reward", *STEPS, "parallel=megatron_tp2pp2", "parallel.tp=1",
+                              "stage.micro_batch_size=2"], cache_dir, nproc=2, script=MEGATRON_CLI)
+    ref, got = train_records(one_process, "reward"), train_records(tmp_path, "reward")
+    _close([r["loss"] for r in ref], [r["loss"] for r in got])
+    _close([r["grad_norm"] for r in ref], [r["grad_norm"] for r in got], tol=1e-4)
+    for key in ("eval_mse", "eval_mse_untrained"):
+        assert _result(tmp_path, "reward")[key] == pytest.approx(_result(one_process, "reward")[key], abs=TOL), key
+    assert_same_export(one_process / "stages/reward/hf", tmp_path / "stages/reward/hf",
+                       ("model.safetensors", "reward_head.safetensors"))
 
 
 def test_annotate_writes_the_models_rewards_and_keeps_given_ones(annotated, trained, pairs):

@@ -31,13 +31,14 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import DictConfig
 
 from trainer.models import megatron_convert as convert
+from trainer.parallel import megatron_checkpoint as checkpoint
 from trainer.parallel.schedule import lr_multiplier
 from trainer.parallel.strategy import LossFn
 from trainer.parallel.topology import Topology
@@ -45,8 +46,6 @@ from trainer.parallel.topology import Topology
 # Seed of megatron's model-parallel RNG tracker. Dropout is off in every converted model, so no random
 # stream is consumed; the tracker must exist because megatron's attention forks it.
 _TRACKER_SEED = 1234
-# The distributed optimizer's checkpoint format that reshards over TP, PP and DP.
-_OPTIM_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def _pad(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
@@ -362,76 +361,15 @@ class MegatronStrategy:
         return self._forward(batch, lambda logits, b: self._logps(logits, b["labels"]), batch["input_ids"].shape,
                              torch.float32)
 
-    # ---- checkpoints -------------------------------------------------------------------------------
-    def _sharded_state_dict(self, client_state: dict | None, loading: bool) -> dict:
-        state: dict[str, Any] = {}
-        for i, chunk in enumerate(self.chunks):
-            state["model" if self.vpp == 1 else f"model{i}"] = chunk.sharded_state_dict()
-        model_state = state if self.vpp > 1 else state["model"]
-        state["optimizer"] = self.optimizer.sharded_state_dict(model_state, is_loading=loading,
-                                                               metadata=_OPTIM_FORMAT)
-        state["step"] = self.step
-        state["client_state"] = client_state
-        return state
-
+    # ---- checkpoints (trainer.parallel.megatron_checkpoint) -----------------------------------------
     def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
         """megatron dist_checkpointing under ``ckpt_dir/tag/megatron``: loadable in another TP/PP layout."""
-        path = Path(ckpt_dir) / tag / "megatron"
-        if self.topology.is_main:
-            path.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        dist_checkpointing.save(self._sharded_state_dict(client_state, loading=False), str(path))
-
-    def _init_torch_adam_state(self) -> None:
-        """Give a fresh torch AdamW (megatron's fallback without Apex/TE) its lazily created state.
-        megatron 0.16's distributed optimizer reads one common ``step`` from that state when it builds
-        the sharded state dict to load into, and its own init_state_fn does not create ``step``."""
-        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        for opt in (c.optimizer for c in chained):
-            if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
-                continue
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if not opt.state[p]:
-                        opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                        "exp_avg_sq": torch.zeros_like(p)}
-
-    def _load_optimizer(self, state: dict) -> None:
-        """``optimizer.load_state_dict``, working around two megatron 0.16 issues with torch AdamW (its
-        fallback without Apex/TE): loading the distributed optimizer's fully-reshardable parameter
-        state copies every per-parameter state entry from the checkpoint, which has no per-parameter
-        ``step``, so it fails on the ``step`` torch keeps there (set aside around that copy); and the
-        restored ``step`` is one tensor shared by all parameters (un-aliased here)."""
-        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        states = [state] if len(chained) == 1 else [state[i] for i in range(len(chained))]
-        for opt, sub in zip(chained, states):
-            if not isinstance(opt.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-                opt.load_state_dict(sub)
-                continue
-            param_state = None
-            if isinstance(sub, dict) and sub.get("param_state_sharding_type") == "fully_reshardable":
-                param_state = sub.pop("param_state")
-                sub.pop("param_state_sharding_type")
-            opt.load_state_dict(sub)  # hyper-parameters, grad scaler, the common step
-            # megatron hands every parameter the SAME ``step`` tensor; torch AdamW increments each
-            # parameter's step in place, so shared it would advance once per parameter per step.
-            steps = {p: st.pop("step").clone() for p, st in opt.optimizer.state.items() if "step" in st}
-            try:
-                if param_state is not None:
-                    opt.load_parameter_state_from_fully_reshardable(param_state)
-            finally:
-                for p, step in steps.items():
-                    opt.optimizer.state[p]["step"] = step
+        checkpoint.save(Path(ckpt_dir) / tag / "megatron", self.chunks, self.optimizer, self.step, client_state,
+                        self.topology.is_main)
 
     def load(self, ckpt_dir: Path, tag: str) -> dict:
-        path = Path(ckpt_dir) / tag / "megatron"
-        self._init_torch_adam_state()
-        state = dist_checkpointing.load(self._sharded_state_dict(None, loading=True), str(path))
-        for i, chunk in enumerate(self.chunks):
-            chunk.load_state_dict(state["model" if self.vpp == 1 else f"model{i}"])
-        self._load_optimizer(state["optimizer"])
-        self.step = int(state["step"])
-        return state["client_state"]
+        self.step, client_state = checkpoint.load(Path(ckpt_dir) / tag / "megatron", self.chunks, self.optimizer)
+        return client_state
 
     # ---- export ------------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
