@@ -7,7 +7,8 @@ Modes:
              round trip of ``full_state_dict``, for several tiny model families in this layout; with
              "generate", also greedy generation vs transformers' ``generate``.
   train      SFT steps through MegatronStrategy (GlobalBatchPlan micro-batches, the stage's
-             ``micro_batch_loss``), optionally saving at / resuming from a dist checkpoint.
+             ``micro_batch_loss``), optionally saving at / resuming from a dist checkpoint; with
+             "preference", then the ``dpo`` mode's steps in the same layout.
   reference  the same SFT steps in plain PyTorch on the HF model (1 process): the independent reference.
   dpo        preference steps (the preference stage's ``micro_batch_loss``; loss dpo | ipo | rpo,
              sft_weight, average_logps, reference_mode from each of ``opts["variants"]``) on tiny synthetic
@@ -187,7 +188,11 @@ def run_train(opts: dict, topology) -> dict:
     final = strategy.full_state_dict()
     if final is not None and opts.get("weights"):
         torch.save(final, opts["weights"])
-    return {"records": records, "local_loss_consistent": consistent, "roundtrip_bit_exact": roundtrip}
+    out = {"records": records, "local_loss_consistent": consistent, "roundtrip_bit_exact": roundtrip}
+    if opts.get("preference"):  # preference steps in the same layout and launch (a launch costs more)
+        layout = {k: opts[k] for k in ("tp", "pp", "vpp", "dist_opt", "recompute", "precision") if k in opts}
+        out["preference"] = run_dpo({**layout, **opts["preference"]}, topology)
+    return out
 
 
 def pref_setup(opts: dict, dp: int):

@@ -72,14 +72,47 @@ def reference(work) -> dict:
     return out
 
 
+# ---- preference: megatron vs a plain-PyTorch loop, the preference stage's loss ------------------------
+DPO_STEPS = 4
+# Stage overrides, each run by the plain-PyTorch reference once; beta 0.1, sft_weight 0 unless given.
+PREF_VARIANTS = {"dpo_sft": {"loss": "dpo", "sft_weight": 0.5}, "ipo_avg": {"loss": "ipo", "average_logps": True},
+                 "rpo": {"loss": "rpo"}}
+
+
 @pytest.fixture(scope="module")
-def tp2(work) -> dict:
-    """TP=2 run that also writes a dist checkpoint after step 3 (used by the resume tests)."""
-    opts = {"steps": STEPS, "tp": 2, "save_at": 3, "save": str(work / "ckpt"), "tag": "step_000003",
-            "weights": str(work / "tp2.pt")}
-    out = run_worker("train", opts, work, nproc=2)
-    out["weights"] = work / "tp2.pt"
-    return out
+def pref_reference(work, cache_dir) -> dict:
+    return run_worker("pref_reference", {"steps": DPO_STEPS, "cache": str(cache_dir), "variants": PREF_VARIANTS},
+                      work)
+
+
+# Each layout is one launch: SFT steps (the ``reference`` trajectory), then the preference variants
+# (``pref_reference``). The TP=2 run also writes the dist checkpoint the resume tests load.
+LAYOUTS = {
+    "tp2": ({"tp": 2, "save_at": 3, "save": "ckpt", "tag": "step_000003"}, 2, ["dpo_sft"]),
+    "pp2, plain optimizer, activation recompute": ({"pp": 2, "dist_opt": False, "recompute": True}, 2, ["ipo_avg"]),
+    "dp2, distributed optimizer": ({}, 2, ["rpo"]),
+    "tp2 x pp2": ({"tp": 2, "pp": 2}, 4, ["dpo_sft", "dpo_sft/online"]),
+}
+
+
+@pytest.fixture(scope="module")
+def layout_run(work, cache_dir):
+    """name -> that layout's worker output (run once, on first use)."""
+    done: dict[str, dict] = {}
+
+    def run(name: str) -> dict:
+        if name not in done:
+            opts, nproc, variants = LAYOUTS[name]
+            opts = {**opts, "save": str(work / opts["save"])} if "save" in opts else opts
+            weights = work / f"{uuid.uuid4().hex[:8]}.pt"
+            preference = {"steps": DPO_STEPS, "cache": str(cache_dir), "variants": {
+                v: {**PREF_VARIANTS[v.split("/")[0]], **({"reference_mode": "online"} if "/online" in v else {})}
+                for v in variants}}
+            done[name] = run_worker("train", {"steps": STEPS, "weights": str(weights), "preference": preference,
+                                              **opts}, work, nproc=nproc)
+            done[name]["weights"] = weights
+        return done[name]
+    return run
 
 
 def assert_generation_matches(out: dict) -> None:
@@ -118,25 +151,13 @@ def test_reference_moves(reference):
 
 
 @pytest.mark.distributed
-def test_tp2_matches_single_process(reference, tp2):
-    assert_trajectory(reference["records"], tp2["records"])
-    assert tp2["local_loss_consistent"] and tp2["roundtrip_bit_exact"]
-    assert_weights_close(reference["weights"], tp2["weights"])
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("name, opts, nproc", [
-    ("pp2, plain optimizer, activation recompute", {"pp": 2, "dist_opt": False, "recompute": True}, 2),
-    ("dp2, distributed optimizer", {}, 2),
-    ("tp2 x pp2", {"tp": 2, "pp": 2}, 4),
-])
-def test_layouts_match_single_process(reference, work, name, opts, nproc):
-    weights = work / f"{uuid.uuid4().hex[:8]}.pt"
-    out = run_worker("train", {"steps": STEPS, "weights": str(weights), **opts}, work, nproc=nproc)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layouts_match_single_process(reference, layout_run, name):
+    out = layout_run(name)
     assert_trajectory(reference["records"], out["records"])
     assert out["local_loss_consistent"], "loss differs between ranks of one pipeline/tensor group"
     assert out["roundtrip_bit_exact"], "HF -> megatron -> HF full_state_dict is not bit-exact"
-    assert_weights_close(reference["weights"], weights)
+    assert_weights_close(reference["weights"], out["weights"])
 
 
 @pytest.mark.distributed
@@ -154,19 +175,6 @@ def test_interleaved_pipeline_matches_single_process(work):
     out = run_worker("train", {"steps": 2, "layers": 8, "pp": 4, "vpp": 2}, work, nproc=4)
     assert_trajectory(ref["records"], out["records"])
     assert out["roundtrip_bit_exact"]
-
-
-# ---- preference: megatron vs a plain-PyTorch loop, the preference stage's loss ------------------------
-DPO_STEPS = 4
-# Stage overrides, each run by the plain-PyTorch reference once; beta 0.1, sft_weight 0 unless given.
-PREF_VARIANTS = {"dpo_sft": {"loss": "dpo", "sft_weight": 0.5}, "ipo_avg": {"loss": "ipo", "average_logps": True},
-                 "rpo": {"loss": "rpo"}}
-
-
-@pytest.fixture(scope="module")
-def pref_reference(work, cache_dir) -> dict:
-    return run_worker("pref_reference", {"steps": DPO_STEPS, "cache": str(cache_dir), "variants": PREF_VARIANTS},
-                      work)
 
 
 def test_preference_reference_closed_forms(pref_reference):
@@ -187,21 +195,15 @@ def test_preference_reference_closed_forms(pref_reference):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("opts, nproc, variants", [
-    ({"tp": 2}, 2, {"dpo_sft": PREF_VARIANTS["dpo_sft"]}),
-    ({"pp": 2}, 2, {"ipo_avg": PREF_VARIANTS["ipo_avg"]}),
-    ({}, 2, {"rpo": PREF_VARIANTS["rpo"]}),
-    ({"tp": 2, "pp": 2}, 4, {"dpo_sft": PREF_VARIANTS["dpo_sft"],
-                             "dpo_sft/online": {**PREF_VARIANTS["dpo_sft"], "reference_mode": "online"}}),
-], ids=["dpo_sft-tp2", "ipo_avg-pp2", "rpo-dp2", "dpo_sft_cached_and_online-tp2xpp2"])
-def test_preference_matches_plain_pytorch(pref_reference, work, cache_dir, opts, nproc, variants):
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_preference_matches_plain_pytorch(pref_reference, layout_run, name):
     """Megatron (reference log-probs from a setup_inference model: the cached table, or per micro-batch
     online) equals the plain-PyTorch loop with a frozen HF reference, step by step; the cached table
     equals the frozen model's log-probs."""
-    out = run_worker("dpo", {"steps": DPO_STEPS, "cache": str(cache_dir), "variants": variants, **opts}, work,
-                     nproc=nproc)
-    for name, got in out.items():
-        ref = pref_reference[name.split("/")[0]]
+    out = layout_run(name)["preference"]
+    assert sorted(out) == sorted(LAYOUTS[name][2])
+    for variant, got in out.items():
+        ref = pref_reference[variant.split("/")[0]]
         assert got["pairs"] == ref["pairs"] >= 8
         if got["ref_table_sum"] is not None:  # cached mode
             assert got["ref_table_sum"] == pytest.approx(ref["ref_table_sum"], rel=1e-6)
@@ -211,7 +213,8 @@ def test_preference_matches_plain_pytorch(pref_reference, work, cache_dir, opts,
 # ---- dist_checkpointing: save at TP=2, resume in other layouts ----------------------------------------
 @pytest.mark.distributed
 @pytest.mark.parametrize("opts, nproc", [({}, 1), ({"pp": 2}, 2)], ids=["tp1", "pp2"])
-def test_resume_tp2_checkpoint_in_another_layout(reference, tp2, work, opts, nproc):
+def test_resume_tp2_checkpoint_in_another_layout(reference, layout_run, work, opts, nproc):
+    tp2 = layout_run("tp2")  # saved the checkpoint after step 3
     out = run_worker("train", {"steps": STEPS, "load": str(work / "ckpt"), "tag": "step_000003", **opts},
                      work, nproc=nproc)
     assert [r["step"] for r in out["records"]] == [4, 5, 6]
