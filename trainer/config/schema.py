@@ -159,8 +159,21 @@ class AnnotateStageConfig(StageConfig):
     overwrite_rewards: bool = False
 
 
+@dataclass
+class BenchmarkStageConfig(StageConfig):
+    """Training throughput and memory: timed optimizer steps on random full-length sequences."""
+
+    type: str = "benchmark"
+    seq_length: int = 2048
+    vocab_size: int = 32000  # of a model built from model.config (a model.path model keeps its own)
+    untimed_steps: int = 3  # warm-up: allocator, kernels, compilation
+    timed_steps: int = 10
+    # Dense peak of one device in TFLOP/s at the run's precision (H100 SXM bf16: 989); MFU divides by it.
+    peak_tflops: float = 989.0
+
+
 STAGE_SCHEMAS = {"sft": StageConfig, "preference": PreferenceStageConfig, "reward": RewardStageConfig,
-                 "annotate": AnnotateStageConfig}
+                 "annotate": AnnotateStageConfig, "benchmark": BenchmarkStageConfig}
 
 
 @dataclass

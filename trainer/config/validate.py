@@ -116,6 +116,10 @@ def _validate_stage(cfg: DictConfig) -> None:
                               f"{len(cfg.stage.attributes)} stage.attributes")
     if kind == "annotate" and cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp > 1:
         raise ConfigError("parallel.tp: annotate runs a whole reward-model replica per rank; use tp=pp=cp=1")
+    if kind == "benchmark":
+        for key in ("stage.seq_length", "stage.vocab_size", "stage.timed_steps", "stage.peak_tflops"):
+            _positive(cfg, key)
+        _positive(cfg, "stage.untimed_steps", allow_zero=True)
     if kind == "annotate" and not cfg.stage.reward_model:
         raise ConfigError("stage.reward_model: the annotate step needs a reward model directory "
                           "(a reward stage's hf/ export)")

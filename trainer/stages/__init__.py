@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 
 # stage.type -> module under trainer.stages (imported on demand: each pulls in its own dependencies).
-STAGE_MODULES = {"sft": "sft", "preference": "preference", "reward": "reward", "annotate": "annotate"}
+STAGE_MODULES = {"sft": "sft", "preference": "preference", "reward": "reward", "annotate": "annotate",
+                 "benchmark": "benchmark"}
 
 
 def get_stage(stage_type: str):
