@@ -68,6 +68,10 @@ def test_default_is_the_embedded_tiny_model_on_synthetic_data():
     (["stage=dpo", "stage.beta=0"], "stage.beta"),
     (["stage=dpo", "stage.reference_mode=lazy"], "stage.reference_mode"),
     (["stage=reward", "stage.attribute_weights=[1.0]"], "stage.attribute_weights"),
+    (["stage=benchmark", "stage.timed_steps=0"], "stage.timed_steps"),
+    (["parallel=megatron_tp2pp2", "stage.packing=true"], "stage.packing"),
+    (["parallel=megatron_tp2pp2", "parallel.cp=2"], "parallel.cp"),
+    (["parallel=megatron_tp2pp2", "stage.neftune_alpha=5"], "stage.neftune_alpha"),
 ])
 def test_invalid_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match="^" + re.escape(key) + ":"):

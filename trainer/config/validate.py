@@ -83,7 +83,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
                               "set parallel.strategy=megatron")
     else:  # megatron
         if cfg.parallel.cp != 1:
-            raise ConfigError("parallel.cp: context parallelism is not wired into the megatron strategy yet")
+            raise ConfigError("parallel.cp: context parallelism is not wired into the megatron strategy "
+                              "(megatron's local layer spec has no context-parallel attention; with Transformer "
+                              "Engine the sequence split and a context-parallel log-prob sum are still missing)")
         if cfg.parallel.offload_optimizer:
             raise ConfigError("parallel.offload_optimizer: not supported by parallel.strategy=megatron")
         if cfg.parallel.zero_stage != 0:
@@ -91,6 +93,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
                               "parallel.distributed_optimizer, not ZeRO; set parallel.zero_stage=0")
         if cfg.stage.get("neftune_alpha", 0) > 0:
             raise ConfigError("stage.neftune_alpha: NEFTune is not implemented for parallel.strategy=megatron")
+        if cfg.stage.get("packing", False):
+            raise ConfigError("stage.packing: packed rows need a per-sequence attention mask, which "
+                              "parallel.strategy=megatron does not build; set stage.packing=false")
     if cfg.model.path is None and cfg.model.tokenizer is not None:
         raise ConfigError("model.tokenizer: set model.path too; a model built from config uses the embedded "
                           "tokenizer, whose vocabulary sets its embedding size")
