@@ -82,6 +82,18 @@ def reference(tmp_path_factory, cache_dir) -> Path:
     return run
 
 
+def assert_series_close(a, b, tol: float = 1e-5) -> None:
+    """Two per-step series (losses, grad norms, ...) of the same length, each entry within ``tol``."""
+    assert len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b)), f"{a}\n{b}"
+
+
+def assert_tensors_close(ref: dict, got: dict, tol: float, what: str = "weights") -> None:
+    """Two name -> tensor dicts with the same names, every element within ``tol``."""
+    assert sorted(ref) == sorted(got), what
+    worst = max((ref[k].float() - got[k].float()).abs().max().item() for k in ref)
+    assert worst <= tol, (what, worst)
+
+
 def assert_same_export(ref: Path, got: Path, files: tuple[str, ...] = ("model.safetensors",),
                        tol: float = 1e-4) -> None:
     """Two hf/ exports hold the same tensors. After training, Adam amplifies float noise on near-zero
@@ -89,7 +101,4 @@ def assert_same_export(ref: Path, got: Path, files: tuple[str, ...] = ("model.sa
     from safetensors.torch import load_file
 
     for name in files:
-        a, b = load_file(str(Path(ref) / name)), load_file(str(Path(got) / name))
-        assert sorted(a) == sorted(b), name
-        worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-        assert worst <= tol, (name, worst)
+        assert_tensors_close(load_file(str(Path(ref) / name)), load_file(str(Path(got) / name)), tol, name)

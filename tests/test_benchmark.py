@@ -36,12 +36,12 @@ def test_benchmark_reports_consistent_numbers_on_both_strategies(tmp_path, cache
     run_stagecraft(one, BENCH, cache_dir)
     run_stagecraft(two, [*BENCH, "parallel=megatron_tp2pp2", "parallel.pp=1"], cache_dir, nproc=2, script=MEGATRON_CLI)
     results = [json.loads((run / "stages/benchmark/benchmark.json").read_text()) for run in (one, two)]
+    config = OmegaConf.load(one / "stages/benchmark/config.yaml").model.config
+    hf = AutoConfig.for_model("llama", vocab_size=400, **OmegaConf.to_container(config))
     for r in results:
         assert r["timed_steps"] == 2 and len(r["losses"]) == 3
         assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(4 * 32)  # one global batch per step
         assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / r["world_size"])
-        config = OmegaConf.load(one / "stages/benchmark/config.yaml").model.config
-        hf = AutoConfig.for_model("llama", vocab_size=400, **OmegaConf.to_container(config))
         flops = flops_per_token(r["matmul_parameters"], hf, 32)
         assert r["model_tflops_per_device"] == pytest.approx(flops * r["tokens_per_s_per_device"] / 1e12)
         assert r["mfu"] == pytest.approx(r["model_tflops_per_device"] / 989.0)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.conftest import MEGATRON_CLI, run_stagecraft, train_records
+from tests.conftest import MEGATRON_CLI, assert_series_close, run_stagecraft, train_records
 from trainer.data.preference import synthetic_preference_records
 from trainer.data.synthetic import write_jsonl
 
@@ -22,10 +22,6 @@ def _result(run, stage="dpo"):
 
 def _series(run, key, stage="dpo"):
     return [r[key] for r in train_records(run, stage)]
-
-
-def _close(a, b, tol=1e-5):
-    assert len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b)), f"{a}\n{b}"
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +55,8 @@ def test_zero2_two_processes_reuse_the_cache_and_match(dpo_reference, tmp_path, 
     run_stagecraft(tmp_path, ["stage=dpo", *_data(pairs_file), *SIX, "parallel=zero2", "stage.micro_batch_size=2"],
                    cache_dir, nproc=2)
     assert _result(tmp_path)["reference_forward_pairs"] == 0  # the counter: no reference forward at all
-    _close(_series(dpo_reference, "loss"), _series(tmp_path, "loss"))
-    _close(_series(dpo_reference, "margin"), _series(tmp_path, "margin"))
+    assert_series_close(_series(dpo_reference, "loss"), _series(tmp_path, "loss"))
+    assert_series_close(_series(dpo_reference, "margin"), _series(tmp_path, "margin"))
 
 
 @pytest.mark.distributed
@@ -71,7 +67,8 @@ def test_megatron_pipeline_matches_deepspeed(dpo_reference, tmp_path, cache_dir,
     run_stagecraft(tmp_path, ["stage=dpo", *_data(pairs_file), *SIX, "parallel=megatron_tp2pp2", "parallel.tp=1",
                               "stage.micro_batch_size=2"], cache_dir, nproc=2, script=MEGATRON_CLI)
     for key in ("loss", "pref_loss", "margin", "reward_accuracy", "logps_chosen", "grad_norm"):
-        _close(_series(dpo_reference, key), _series(tmp_path, key), tol=1e-4 if key == "grad_norm" else 1e-5)
+        assert_series_close(_series(dpo_reference, key), _series(tmp_path, key),
+                            tol=1e-4 if key == "grad_norm" else 1e-5)
     ref, got = _result(dpo_reference), _result(tmp_path)
     # Before training every implicit margin is 0 up to float noise, so the before-accuracy is a coin
     # flip per pair (the cached reference came from the deepspeed run); every other number must agree.
@@ -85,14 +82,14 @@ def test_online_reference_equals_cached(dpo_reference, tmp_path, cache_dir, pair
     run_stagecraft(tmp_path, ["stage=dpo", *_data(pairs_file), *SIX, "stage.micro_batch_size=4",
                               "stage.reference_mode=online"], cache_dir)
     assert _result(tmp_path)["reference_forward_pairs"] == 6 * 8 + 32
-    _close(_series(dpo_reference, "loss"), _series(tmp_path, "loss"))
+    assert_series_close(_series(dpo_reference, "loss"), _series(tmp_path, "loss"))
 
 
 def test_packed_pairs_give_the_unpacked_losses(dpo_reference, tmp_path, cache_dir, pairs_file):
     run_stagecraft(tmp_path, ["stage=dpo", *_data(pairs_file), *SIX, "stage.micro_batch_size=8",
                               "stage.packing=true"], cache_dir)
-    _close(_series(dpo_reference, "loss"), _series(tmp_path, "loss"))
-    _close(_series(dpo_reference, "logps_chosen"), _series(tmp_path, "logps_chosen"), tol=1e-4)
+    assert_series_close(_series(dpo_reference, "loss"), _series(tmp_path, "loss"))
+    assert_series_close(_series(dpo_reference, "logps_chosen"), _series(tmp_path, "logps_chosen"), tol=1e-4)
 
 
 def test_dpo_raises_held_out_reward_accuracy(tmp_path, cache_dir):

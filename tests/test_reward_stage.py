@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import MEGATRON_CLI, STEPS, assert_same_export, run_stagecraft, train_records
+from tests.conftest import MEGATRON_CLI, STEPS, assert_same_export, assert_series_close, run_stagecraft, train_records
 from trainer.data.chat import tokenize_chat
 from trainer.data.preference import collate_reward, synthetic_preference_records, tokenize_reward_example
 from trainer.data.records import DataError, read_jsonl
@@ -32,10 +32,6 @@ FAMILIES = ["reverse", "sort", "count", "code_expr"]
 # 64 optimizer steps over 512 records: enough for the tiny model to beat the constant predictor.
 LEARN = ["stage=reward", "data.synthetic.n_train=512", "data.synthetic.n_eval=64", "stage.global_batch_size=16",
          "stage.micro_batch_size=16", "stage.epochs=2"]
-
-
-def _close(a, b, tol=TOL):
-    assert len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b)), f"{a}\n{b}"
 
 
 def _result(run, stage):
@@ -126,8 +122,8 @@ def test_zero2_two_processes_match_one_process(one_process, tmp_path_factory, ca
     run_stagecraft(two, ["stage=reward", *STEPS, "parallel=zero2", "stage.micro_batch_size=2"], cache_dir, nproc=2)
     ref, got = train_records(one, "reward"), train_records(two, "reward")
     assert len(ref) == 6 and ref[-1]["loss"] < ref[0]["loss"]
-    _close([r["loss"] for r in ref], [r["loss"] for r in got])
-    _close([r["grad_norm"] for r in ref], [r["grad_norm"] for r in got], tol=1e-4)
+    assert_series_close([r["loss"] for r in ref], [r["loss"] for r in got])
+    assert_series_close([r["grad_norm"] for r in ref], [r["grad_norm"] for r in got], tol=1e-4)
     assert [r["target_entries"] for r in ref] == [r["target_entries"] for r in got]
     assert _result(one, "reward")["eval_mse"] == pytest.approx(_result(two, "reward")["eval_mse"], abs=TOL)
 
@@ -138,8 +134,8 @@ def test_megatron_pipeline_parallel_matches_one_process(one_process, tmp_path, c
     run_stagecraft(tmp_path, ["stage=reward", *STEPS, "parallel=megatron_tp2pp2", "parallel.tp=1",
                               "stage.micro_batch_size=2"], cache_dir, nproc=2, script=MEGATRON_CLI)
     ref, got = train_records(one_process, "reward"), train_records(tmp_path, "reward")
-    _close([r["loss"] for r in ref], [r["loss"] for r in got])
-    _close([r["grad_norm"] for r in ref], [r["grad_norm"] for r in got], tol=1e-4)
+    assert_series_close([r["loss"] for r in ref], [r["loss"] for r in got])
+    assert_series_close([r["grad_norm"] for r in ref], [r["grad_norm"] for r in got], tol=1e-4)
     for key in ("eval_mse", "eval_mse_untrained"):
         assert _result(tmp_path, "reward")[key] == pytest.approx(_result(one_process, "reward")[key], abs=TOL), key
     assert_same_export(one_process / "stages/reward/hf", tmp_path / "stages/reward/hf",
@@ -189,7 +185,7 @@ def test_annotate_resumes_after_kill_without_rescoring(annotated, trained, pairs
     strip = [{k: v for k, v in r.items() if not k.endswith("_reward")} for r in got]
     assert strip == [{k: v for k, v in r.items() if not k.endswith("_reward")} for r in ref]
     for key in ("chosen_reward", "rejected_reward"):
-        _close([r[key] for r in got], [r[key] for r in ref])
+        assert_series_close([r[key] for r in got], [r[key] for r in ref])
 
 
 def test_part_file_torn_last_line_is_dropped(tmp_path):

@@ -9,16 +9,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.conftest import STEPS, losses, run_stagecraft, train_records
+from tests.conftest import STEPS, assert_series_close, losses, run_stagecraft, train_records
 from tests.test_sft_stage import assert_export_reproduces_eval_loss
 from trainer.data.synthetic import generate_chat_records, write_jsonl
 from trainer.data.tokenizer import build_embedded_tokenizer
 
 pytestmark = pytest.mark.distributed
-
-
-def _close(a, b, tol):
-    assert len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b)), f"{a}\n{b}"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +46,7 @@ def test_local_hf_checkpoint_trains_and_exports_with_its_tokenizer(tmp_path, cac
     zero3 = tmp_path / "zero3"
     run_stagecraft(zero3, ["model=hf", f"model.path={qwen2_dir}", "stage.max_steps=3", "stage.micro_batch_size=4",
                            "parallel=zero3"], cache_dir, nproc=2)
-    _close(losses(run), losses(zero3), 1e-5)
+    assert_series_close(losses(run), losses(zero3), 1e-5)
     assert_export_reproduces_eval_loss(zero3)
 
 
@@ -85,13 +81,13 @@ def test_bad_jsonl_line_is_skipped_and_counted_by_policy(tmp_path, cache_dir):
 def test_activation_checkpointing_matches_reference(reference, tmp_path, cache_dir):
     run_stagecraft(tmp_path, [*STEPS, "stage.micro_batch_size=8", "parallel.activation_checkpointing=true"],
                    cache_dir)
-    _close(losses(reference), losses(tmp_path), 1e-5)
+    assert_series_close(losses(reference), losses(tmp_path), 1e-5)
 
 
 def test_packed_sft_matches_reference(reference, tmp_path, cache_dir):
     """Several conversations per row (position ids restart, attention kept within each): same losses."""
     run_stagecraft(tmp_path, [*STEPS, "stage.micro_batch_size=8", "stage.packing=true"], cache_dir)
-    _close(losses(reference), losses(tmp_path), 1e-5)
+    assert_series_close(losses(reference), losses(tmp_path), 1e-5)
 
 
 def test_bf16_zero2_tracks_fp32(reference, tmp_path, cache_dir):
@@ -99,7 +95,7 @@ def test_bf16_zero2_tracks_fp32(reference, tmp_path, cache_dir):
                    cache_dir, nproc=2)
     got, ref = losses(tmp_path), losses(reference)
     # bf16 activations carry ~3 significant digits; the trajectory must stay within that of fp32.
-    _close(ref, got, 0.02 * max(ref))
+    assert_series_close(ref, got, 0.02 * max(ref))
     assert got[-1] < got[0] - 0.1
     assert all(r["grad_norm"] > 0 for r in train_records(tmp_path))
 
@@ -108,4 +104,4 @@ def test_cpu_optimizer_offload_matches_reference(reference, tmp_path, cache_dir)
     """The one test that JIT-builds DeepSpeed's CPU Adam (about two minutes the first time)."""
     run_stagecraft(tmp_path, [*STEPS, "parallel=zero2", "parallel.offload_optimizer=true",
                               "stage.micro_batch_size=4"], cache_dir, nproc=2)
-    _close(losses(reference), losses(tmp_path), 1e-5)
+    assert_series_close(losses(reference), losses(tmp_path), 1e-5)

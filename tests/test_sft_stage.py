@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import MEGATRON_CLI, STEPS, assert_same_export, losses, run_stagecraft, train_records
+from tests.conftest import (MEGATRON_CLI, STEPS, assert_same_export, assert_series_close, losses, run_stagecraft,
+                         train_records)
 from trainer.data.chat import collate, tokenize_chat
 from trainer.data.records import read_jsonl, validate_chat_record
 from trainer.losses import sft_loss
@@ -27,10 +28,6 @@ def zero2(tmp_path_factory, cache_dir):
     run = tmp_path_factory.mktemp("zero2")
     run_stagecraft(run, [*STEPS, "parallel=zero2", "stage.micro_batch_size=2"], cache_dir, nproc=2)
     return run
-
-
-def _close(a, b, tol=TOL):
-    assert len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b)), f"{a}\n{b}"
 
 
 def _result(run) -> dict:
@@ -50,27 +47,27 @@ def test_batch_split_invariance(reference, tmp_path, cache_dir, layout, override
     nproc = 2 if "2 processes" in layout else 1
     run_stagecraft(tmp_path, [*STEPS, *overrides], cache_dir, nproc=nproc)
     ref, got = train_records(reference), train_records(tmp_path)
-    _close([r["loss"] for r in ref], [r["loss"] for r in got])
+    assert_series_close([r["loss"] for r in ref], [r["loss"] for r in got])
     # Same gradient, not only the same loss: the pre-clip gradient norm of every step agrees.
-    _close([r["grad_norm"] for r in ref], [r["grad_norm"] for r in got], tol=1e-4)
+    assert_series_close([r["grad_norm"] for r in ref], [r["grad_norm"] for r in got], tol=1e-4)
     assert [r["target_tokens"] for r in ref] == [r["target_tokens"] for r in got]
 
 
 @pytest.mark.parametrize("zero", [0, 1, 3])
 def test_zero_stages_match_single_process(reference, tmp_path, cache_dir, zero):
     run_stagecraft(tmp_path, [*STEPS, f"parallel.zero_stage={zero}", "stage.micro_batch_size=2"], cache_dir, nproc=2)
-    _close(losses(reference), losses(tmp_path))
+    assert_series_close(losses(reference), losses(tmp_path))
 
 
 def test_zero2_matches_single_process(reference, zero2):
-    _close(losses(reference), losses(zero2))
+    assert_series_close(losses(reference), losses(zero2))
 
 
 def test_autotp_matches_tp1(reference, tmp_path, cache_dir):
     run_stagecraft(tmp_path, [*STEPS, "parallel=tp2", "stage.micro_batch_size=4"], cache_dir, nproc=2)
     ref, got = train_records(reference), train_records(tmp_path)
-    _close([r["loss"] for r in ref], [r["loss"] for r in got])
-    _close([r["grad_norm"] for r in ref], [r["grad_norm"] for r in got], tol=1e-4)
+    assert_series_close([r["loss"] for r in ref], [r["loss"] for r in got])
+    assert_series_close([r["grad_norm"] for r in ref], [r["grad_norm"] for r in got], tol=1e-4)
     assert_export_reproduces_eval_loss(tmp_path)
 
 
@@ -102,8 +99,8 @@ def test_megatron_tensor_parallel_matches_deepspeed_and_resumes(reference, tmp_p
 
     ref, got = train_records(reference), train_records(tmp_path)
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, 7))
-    _close([r["loss"] for r in ref], [r["loss"] for r in got])
-    _close([r["grad_norm"] for r in ref], [r["grad_norm"] for r in got], tol=1e-4)
+    assert_series_close([r["loss"] for r in ref], [r["loss"] for r in got])
+    assert_series_close([r["grad_norm"] for r in ref], [r["grad_norm"] for r in got], tol=1e-4)
     assert [r["lr"] for r in got] == pytest.approx([r["lr"] for r in ref], rel=1e-12)
     ref, got = _result(reference), _result(tmp_path)
     evals = sorted(k for k in ref if k.startswith("eval_"))

@@ -187,7 +187,7 @@ class MegatronStrategy:
         hf = model.backbone if self.reward else model
         self.hf_config = hf.config
         self.config = convert.transformer_config(
-            model.config, self.topology.tp, self.topology.pp, self.vpp, dtype,
+            self.hf_config, self.topology.tp, self.topology.pp, self.vpp, dtype,
             use_cpu_init=self.topology.device.type == "cpu", sequence_parallel=self.parallel.sequence_parallel,
             recompute=self.parallel.activation_checkpointing)
         tensor_parallel.model_parallel_cuda_manual_seed(_TRACKER_SEED)
@@ -343,7 +343,8 @@ class MegatronStrategy:
         return {"loss": total, "grad_norm": float(grad_norm), "lr": lr}
 
     @torch.no_grad()
-    def _forward(self, batch: dict[str, torch.Tensor], read: Callable, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    def _forward(self, batch: dict[str, torch.Tensor], read: Callable, shape: tuple,
+                 dtype: torch.dtype) -> torch.Tensor:
         """Forward only: ``read(output, batch)`` on the last pipeline stage (output: this rank's
         vocabulary slice of the logits, or the reward head's scores), a ``shape`` tensor broadcast to
         the whole pipeline group."""

@@ -48,7 +48,8 @@ def load(path: Path, chunks: list, optimizer) -> tuple[int, dict]:
     return int(state["step"]), state["client_state"]
 
 
-def _torch_adams(optimizer) -> list:
+def _chained(optimizer) -> list:
+    """The optimizers megatron chains (one per parameter group kind), or the one optimizer."""
     return getattr(optimizer, "chained_optimizers", [optimizer])
 
 
@@ -56,7 +57,7 @@ def _init_torch_adam_state(optimizer) -> None:
     """Give a fresh torch AdamW its lazily created state. megatron 0.16's distributed optimizer reads one
     common ``step`` from that state when it builds the sharded state dict to load into, and its own
     init_state_fn does not create ``step``."""
-    for opt in (c.optimizer for c in _torch_adams(optimizer)):
+    for opt in (c.optimizer for c in _chained(optimizer)):
         if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         for group in opt.param_groups:
@@ -72,7 +73,7 @@ def _load_optimizer(optimizer, state: dict) -> None:
     entry from the checkpoint, which has no per-parameter ``step``, so it fails on the ``step`` torch
     keeps there (set aside around that copy); and the restored ``step`` is one tensor shared by all
     parameters (un-aliased here)."""
-    chained = _torch_adams(optimizer)
+    chained = _chained(optimizer)
     states = [state] if len(chained) == 1 else [state[i] for i in range(len(chained))]
     for opt, sub in zip(chained, states):
         if not isinstance(opt.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
