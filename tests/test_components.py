@@ -211,7 +211,8 @@ class _FakeStrategy:
         (Path(ckpt_dir) / tag).mkdir(parents=True, exist_ok=True)
         (Path(ckpt_dir) / tag / "state.json").write_text(json.dumps(client_state))
 
-    def load(self, ckpt_dir: Path, tag: str) -> dict:
+    def load(self, ckpt_dir: Path, tag: str, saved: dict) -> dict:
+        self.saved = saved  # the layout that wrote it, for the strategy to reshard from
         return json.loads((Path(ckpt_dir) / tag / "state.json").read_text())
 
 
@@ -271,13 +272,18 @@ def test_latest_is_none_without_a_directory(tmp_path):
 
 
 @pytest.mark.parametrize("world_size,tp", [(2, 1), (2, 2)])
-def test_load_with_a_different_layout_names_both(tmp_path, world_size, tp):
+def test_load_with_a_different_layout_hands_the_strategy_the_saved_one(tmp_path, world_size, tp):
+    """The strategy reshards; a rank whose RNG file the old layout never wrote gets RNG derived from
+    (seed, step, rank), the same on every attempt."""
     manager = _saved(tmp_path, steps=(3,))
-    other = CheckpointManager(manager.dir, 2, _topology(world_size=world_size, tp=tp))
-    with pytest.raises(RuntimeError) as err:
-        other.load(_FakeStrategy(), manager.latest())
-    message = str(err.value)
-    assert "world size 1 (tp=1)" in message and f"has {world_size} (tp={tp})" in message
+    other = CheckpointManager(manager.dir, 2, _topology(world_size=world_size, tp=tp), seed=7)
+    other.topology.rank = 1
+    strategy = _FakeStrategy()
+    assert other.load(strategy, manager.latest()) == {"step": 3}
+    assert strategy.saved == {"step": 3, "world_size": 1, "dp": 1, "tp": 1, "pp": 1}
+    first = torch.rand(3)
+    other.load(strategy, manager.latest())
+    assert torch.equal(first, torch.rand(3))
 
 
 def test_load_restores_every_rng(tmp_path):

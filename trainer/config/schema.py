@@ -17,9 +17,14 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class RunConfig:
     name: str = "sft-demo"
-    # Rerunning a command with the same run.dir resumes it (checkpoint.resume=auto).
-    dir: str = "runs/${run.name}"
+    # Rerunning a command with the same run.dir resumes it (checkpoint.resume=auto). run_id hashes the
+    # config keys that change results (trainer/runtime/identity.py), so a different job gets its own
+    # directory by default.
+    dir: str = "runs/${run.name}-${run_id:}"
     seed: int = 1234
+    # Signals that stop the run at the next step boundary with a checkpoint and exit code 75 (slurm
+    # sends SIGTERM, or the signal named in `--signal`, before the time limit).
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -78,6 +83,9 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
     backend: str = "auto"  # auto | gloo | nccl
+    # How long a collective may wait for the other ranks before the run fails with exit code 5 (a rank
+    # hung or died). Fractions allowed.
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -109,6 +117,9 @@ class StageConfig:
     # same losses, less padding.
     packing: bool = False
     eval_every: int = 0
+    # Consecutive steps with a non-finite loss or gradient norm (each skipped, not applied) after which
+    # the stage stops with exit code 3, keeping its last good checkpoint and exporting nothing.
+    max_bad_steps: int = 3
     # Greedy-generation accuracy on the eval split at the end of the stage (0 new tokens: off).
     eval_max_new_tokens: int = 24
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -182,6 +193,9 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto | never | <path to a checkpoint directory>
     export_hf: bool = True
+    # A stage directory made with a different config (trainer/runtime/identity.py): refuse (exit 4),
+    # restart the stage (the old directory is kept, renamed) or resume from its checkpoints anyway.
+    on_change: str = "refuse"  # refuse | restart | resume
 
 
 @dataclass
@@ -191,7 +205,10 @@ class ClusterConfig:
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    # 0: a free port picked at launch (several jobs on one machine); set it for multi-node runs.
+    master_port: int = 0
+    # Seconds torchrun gives its workers to checkpoint and exit after it forwards a stop signal.
+    shutdown_timeout: int = 300
 
 
 @dataclass
@@ -286,6 +303,12 @@ class Config:
 
 def register_configs() -> None:
     """Register the schema so `configs/config.yaml` can name it first in its defaults list."""
+    from omegaconf import OmegaConf
+
+    from trainer.runtime.identity import run_id
+
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", run_id)
     cs = ConfigStore.instance()
     cs.store(name="stagecraft_schema", node=Config)
     # A stage YAML names its type's schema first in its defaults (e.g. `- preference_schema`).

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from trainer.config.schema import STAGE_SCHEMAS, Config
+from trainer.runtime.signals import signal_numbers
 
 
 class ConfigError(ValueError):
@@ -57,12 +58,20 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     _choice(cfg, "data.truncation", ("right", "left", "drop"))
     _choice(cfg, "data.on_bad_record", ("error", "skip"))
     _choice(cfg, "logging.wandb_mode", ("offline", "online", "disabled"))
+    _choice(cfg, "checkpoint.on_change", ("refuse", "restart", "resume"))
+    try:
+        signal_numbers(cfg.run.stop_signals)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not cfg.parallel.timeout_minutes > 0:
+        raise ConfigError(f"parallel.timeout_minutes: must be > 0; got {cfg.parallel.timeout_minutes!r}")
     for key in ("parallel.tp", "parallel.pp", "parallel.cp", "parallel.virtual_pp", "stage.epochs", "stage.global_batch_size",
                 "stage.micro_batch_size", "data.max_length", "cluster.nproc_per_node", "cluster.nnodes",
                 "logging.log_every"):
         _positive(cfg, key)
     for key in ("stage.optim.lr", "stage.optim.grad_clip", "stage.optim.warmup_steps", "stage.neftune_alpha",
-                "stage.eval_every", "stage.eval_max_new_tokens", "checkpoint.every_steps", "checkpoint.keep_last"):
+                "stage.eval_every", "stage.eval_max_new_tokens", "checkpoint.every_steps", "checkpoint.keep_last",
+                "stage.max_bad_steps", "cluster.master_port", "cluster.shutdown_timeout"):
         _positive(cfg, key, allow_zero=True)
     _validate_stage(cfg)
     if cfg.checkpoint.keep_last == 0:

@@ -10,7 +10,13 @@ template, so it works for any Hugging Face template, not only for templates anno
    where its content starts, and `render(messages[:i+1])` ends after its end-of-turn marker. Trailing
    whitespace after the marker is template formatting that inference never generates (decoding stops
    at eos), so it is left out. This is sound only if each such rendering is a prefix of the full one
-   ("prefix-stable"); that is checked, and a template that is not raises an error.
+   ("prefix-stable"); that is checked, and a template that is not raises an error naming the
+   tokenizer and the fix.
+   One departure is accepted: a conversation terminator, special tokens that the template appends
+   after the last message only when no generation prompt follows (Phi-3 ends with `{{ eos_token }}`).
+   It is found by rendering the whole conversation with and without the generation prompt, removed
+   from every turn's rendering before the prefix check, and left out of the mask: the model stops at
+   its end-of-turn marker and never generates it.
 2. Tokens. A fast tokenizer's offset mapping says which characters each token covers; a token is in
    the mask if it lies between the first and the last token overlapping the span (so a whitespace
    token whose offsets a tokenizer trims to empty, inside the content, is still learned). For a slow
@@ -84,21 +90,56 @@ def _assistant_char_spans(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], text: str
 ) -> list[tuple[int, int]]:
     """[start, end) character spans of each assistant turn's content + end-of-turn marker in `text`."""
+    terminator = _conversation_terminator(tokenizer, messages, text)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         header = _render(tokenizer, messages[:i], add_generation_prompt=True)
         turn = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if terminator:
+            turn = turn.removesuffix(terminator)
         if not (turn.startswith(header) and text.startswith(turn)):
-            raise TemplateError(
-                f"chat template is not prefix-stable at messages[{i}] (the rendering of a conversation "
-                "prefix is not a prefix of the full rendering), so assistant tokens cannot be located"
-            )
+            raise _not_prefix_stable(tokenizer, i)
         start, end = len(header), len(turn.rstrip())
         if end > start:
             spans.append((start, end))
     return spans
+
+
+def _conversation_terminator(tokenizer: PreTrainedTokenizerBase, messages: list[dict], text: str) -> str:
+    """The special token the template appends after the last message only when no generation prompt
+    follows (Phi-3: `{% else %}{{ eos_token }}`), or "" when it appends none.
+
+    Such a token makes every shorter rendering end with it where the full one goes on, so the prefix
+    check must ignore it. It is recognised only when `text` minus one trailing special token is a
+    prefix of the same conversation rendered with the generation prompt: anything else that differs
+    (text, or a token mid-conversation) is still refused as not prefix-stable.
+    """
+    try:
+        prompted = _render(tokenizer, messages, add_generation_prompt=True)
+    except TemplateError:  # a template may refuse a generation prompt after an assistant turn
+        return ""
+    if prompted.startswith(text):
+        return ""
+    stripped = text.rstrip()
+    for special in sorted(set(tokenizer.all_special_tokens), key=len, reverse=True):
+        if special and stripped.endswith(special) and prompted.startswith(stripped[: -len(special)]):
+            return text[len(stripped) - len(special):]
+    return ""
+
+
+def _not_prefix_stable(tokenizer: PreTrainedTokenizerBase, i: int) -> TemplateError:
+    """The refusal, naming where the template came from and what to change."""
+    source = tokenizer.name_or_path or "an in-memory tokenizer"
+    return TemplateError(
+        f"chat template of {source} is not prefix-stable at messages[{i}]: rendering messages[:{i + 1}] "
+        f"(and messages[:{i}] with the generation prompt) does not give a prefix of the full conversation's "
+        "rendering, beyond a special token appended at the very end, so assistant tokens cannot be "
+        "located. Set model.tokenizer to a tokenizer directory whose chat template is prefix-stable, or "
+        f"replace `chat_template` in {source}'s tokenizer_config.json (or chat_template.jinja) with a "
+        "template where each rendered conversation prefix is a prefix of the whole conversation"
+    )
 
 
 def _mask_from_offsets(

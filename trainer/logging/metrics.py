@@ -65,7 +65,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(dumps(record) + "\n")
         self._file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=step)
@@ -83,6 +83,21 @@ class MetricsLogger:
         self._file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by its name ("nan", "inf", "-inf"): strict JSON,
+    which Python's own encoder is not (it writes bare NaN, which other readers reject)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return _plain(value)
+
+
+def dumps(value: Any, **kwargs) -> str:
+    """Strict JSON text of ``value`` (see :func:`json_safe`)."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
 
 
 def _plain(value: Any) -> Any:

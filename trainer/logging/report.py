@@ -3,11 +3,10 @@ claim the recipe makes checked against the measured numbers), and PNG plots."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from trainer.checkpoint import write_text_atomic
-from trainer.logging.metrics import read_metrics
+from trainer.logging.metrics import dumps, read_metrics
 
 
 def check_claims(summary: dict, claims: list[dict]) -> list[dict]:
@@ -86,7 +85,7 @@ def _plots(run_dir: Path, summary: dict) -> list[str]:
 def write_report(run_dir: Path, summary: dict, claims: list[dict]) -> dict:
     run_dir = Path(run_dir)
     summary = {**summary, "claims": check_claims(summary, claims)}
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(run_dir / "summary.json", dumps(summary, indent=2))
     plots = _plots(run_dir, summary)
     lines = [f"# Recipe `{summary['recipe']}`", "", "Held-out evaluation of each stage's exported model "
              "(greedy-generation accuracy per task family; preference ranking accuracy on held-out pairs).", "",

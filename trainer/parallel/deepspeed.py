@@ -15,8 +15,14 @@ undo both and make the applied gradient the gradient of the global-batch loss.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
+import logging
+import math
+import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,8 +34,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.losses import token_logps
 from trainer.parallel.schedule import lr_multiplier
-from trainer.parallel.strategy import LossFn
+from trainer.parallel.strategy import LossFn, poison_nonfinite
 from trainer.parallel.topology import Topology
+
+log = logging.getLogger(__name__)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -68,6 +76,30 @@ def build_ds_config(parallel: DictConfig, optim: DictConfig, micro_batch_size: i
     if parallel.tp > 1:
         config["tensor_parallel"] = {"autotp_size": parallel.tp}
     return config
+
+
+def _to_universal(source: Path, output: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` in this process, serially (one worker: no process pool to fork
+    from a distributed worker). ``inject_missing_state``: a plain HF model records no universal-checkpoint
+    info of its own (AutoTP does); the default, version-only info is right for unsharded parameters."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # main() also writes a ``latest_universal`` pointer next to ``output``, i.e. inside our own directory.
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=str(source), output_folder=str(output), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True))
+
+
+def _unshare_steps(optimizer) -> None:
+    """DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group the SAME ``step`` tensor; torch
+    AdamW increments its step in place once per group, so shared it would run ahead by the number of
+    groups each step and skew Adam's bias correction (measured: the loss two steps after resume off by
+    6e-3). Each state gets its own copy."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    for state in base.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 class DeepSpeedStrategy:
@@ -172,8 +204,9 @@ class DeepSpeedStrategy:
         return self.token_logps(batch)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-        """Greedy continuation (prompt included), [B, prompt + new]. A collective under ZeRO-3 / TP."""
+                 eos_token_id: int | list[int], pad_token_id: int) -> torch.Tensor:
+        """Greedy continuation (prompt included), [B, prompt + new]; a row ends at any of the
+        ``eos_token_id`` ids (transformers takes a list as it is). A collective under ZeRO-3 / TP."""
         return self.module.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
@@ -194,8 +227,9 @@ class DeepSpeedStrategy:
             if on_micro_batch is not None:
                 on_micro_batch(k)
             loss = loss_fn(self.outputs(batch), batch)
-            # Undo DeepSpeed's 1/accum loss scale and 1/dp gradient average (see module docstring).
-            self.engine.backward(loss * (self.topology.dp * self.grad_accum))
+            # Undo DeepSpeed's 1/accum loss scale and 1/dp gradient average (see module docstring); a
+            # non-finite loss poisons the gradients, so the step's norm check sees it on every rank.
+            self.engine.backward(loss * poison_nonfinite(loss, self.topology.dp * self.grad_accum))
             info = self._step() or info
             total += loss.detach().double().cpu()
         return {"loss": total, **info}
@@ -204,17 +238,35 @@ class DeepSpeedStrategy:
         """Advance the engine; at an accumulation boundary returns the step's grad norm and LR."""
         boundary = self.engine.is_gradient_accumulation_boundary()
         lr = self.engine.get_lr()[0]
-        grad_norm = None
+        grad_norm, skipped = None, False
         if boundary and self.parallel.zero_stage == 0 and self.parallel.precision == "fp32":
-            # DeepSpeed clips plain fp32 gradients without keeping the norm; measure it before step()
-            # frees the gradients (TP-aware through the engine's mpu).
+            # DeepSpeed clips plain fp32 gradients without keeping the norm, and applies non-finite
+            # ones: measure the norm before step() frees the gradients (TP-aware through the engine's
+            # mpu), and skip a non-finite step by dropping its gradients — torch's AdamW leaves a
+            # parameter without a gradient untouched, moments and step count included.
             grad_norm = self._grad_norm()
-        self.engine.step()
+            skipped = not math.isfinite(grad_norm)
+        if skipped:
+            self.engine.optimizer.zero_grad(set_to_none=True)
+            # DeepSpeed's fp32 clipping indexes the first parameter with a gradient: off for this step.
+            clip, self.engine._config.gradient_clipping = self.engine._config.gradient_clipping, 0.0
+            try:
+                self.engine.step()
+            finally:
+                self.engine._config.gradient_clipping = clip
+        else:
+            self.engine.step()
         if not boundary:
             return None
+        if not skipped and not self.engine.was_step_applied():
+            # The ZeRO and bf16 optimizers skip non-finite steps themselves, and then leave the LR
+            # schedule behind; advance it, so that LR stays a function of the step.
+            skipped = True
+            self.engine.lr_scheduler.step()
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr}
+            grad_norm = float("nan") if grad_norm is None else grad_norm  # inf after a skipped ZeRO step
+        return {"grad_norm": float(grad_norm), "lr": lr, "skipped": skipped}
 
     def _grad_norm(self) -> float:
         """L2 norm of the (already data-parallel-reduced) gradients; TP-sharded ones summed over the
@@ -231,12 +283,63 @@ class DeepSpeedStrategy:
     def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
 
-    def load(self, ckpt_dir: Path, tag: str) -> dict:
+    def load(self, ckpt_dir: Path, tag: str, saved: dict | None = None) -> dict:
+        """Restore weights, optimizer, LR schedule and DeepSpeed's counters; returns the client state.
+
+        ``saved``: the layout that wrote the checkpoint (its COMPLETE marker; None: this one). The same
+        layout loads DeepSpeed's shards as they are (bit-exact). Another data-parallel size or tp goes
+        through DeepSpeed's universal format: ZeRO partitions are cut by the DP size, and AutoTP shards by
+        tp, so the shards are first merged into whole per-parameter tensors (fp32 weight, Adam moments,
+        step), which every rank then slices for the new layout. ZeRO-0 keeps every optimizer state whole
+        in each tp rank's file, so it loads across DP sizes as it is; it has no ZeRO shards to convert."""
+        ckpt_dir = Path(ckpt_dir)
+        if saved is None or (saved["dp"] == self.topology.dp and saved["tp"] == self.parallel.tp):
+            return self._load(ckpt_dir, tag)
+        if self.parallel.zero_stage == 0:
+            if saved["tp"] == self.parallel.tp:
+                return self._load(ckpt_dir, tag)
+            raise RuntimeError(
+                f"checkpoint {ckpt_dir / tag} was written with dp={saved['dp']} tp={saved['tp']}; this run has "
+                f"dp={self.topology.dp} tp={self.parallel.tp}. A ZeRO-0 checkpoint has no ZeRO shards that "
+                "DeepSpeed's universal conversion could merge across a tp change: resume it with "
+                f"parallel.tp={saved['tp']}, or with parallel.zero_stage of 1-3 from the start")
+        universal = self._universal(ckpt_dir, tag)
+        self.engine._config.load_universal_checkpoint = True  # what load_checkpoint reads; no public setter
+        try:
+            client_state = self._load(universal, tag)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        _unshare_steps(self.engine.optimizer)
+        return client_state
+
+    def _load(self, ckpt_dir: Path, tag: str) -> dict:
         path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                          load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
         return client_state
+
+    def _universal(self, ckpt_dir: Path, tag: str) -> Path:
+        """``<ckpt_dir>/<tag>.universal``, holding ``<tag>/`` in DeepSpeed's universal format; converted
+        once by rank 0 (the other ranks wait), reused by every later resume from the same checkpoint.
+        Written under ``.partial`` and renamed, so a crash mid-conversion is redone, never loaded."""
+        final = ckpt_dir / f"{tag}.universal"
+        if self.topology.is_main and not final.is_dir():
+            partial = ckpt_dir / f"{tag}.universal.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            started = time.perf_counter()
+            try:
+                _to_universal(ckpt_dir / tag, partial / tag)
+            except Exception as err:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise RuntimeError(
+                    f"could not convert checkpoint {ckpt_dir / tag} to DeepSpeed's universal format for a layout "
+                    f"change ({err}); resume it with the layout that wrote it") from err
+            os.rename(partial, final)
+            log.info("converted %s to a universal checkpoint in %.1f s", ckpt_dir / tag,
+                     time.perf_counter() - started)
+        self.topology.barrier()
+        return final
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The unsharded model weights on rank 0 (None elsewhere). A collective: call on every rank."""

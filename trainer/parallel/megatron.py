@@ -24,8 +24,8 @@ every micro-batch of a step to one length (pipeline p2p needs one activation sha
 from __future__ import annotations
 
 import contextlib
-
 import functools
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 from trainer.models import megatron_convert as convert
 from trainer.parallel import megatron_checkpoint as checkpoint
 from trainer.parallel.schedule import lr_multiplier
-from trainer.parallel.strategy import LossFn
+from trainer.parallel.strategy import LossFn, at_stop, poison_nonfinite
 from trainer.parallel.topology import Topology
 
 # Seed of megatron's model-parallel RNG tracker. Dropout is off in every converted model, so no random
@@ -119,7 +119,8 @@ class MegatronStrategy:
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id):
         """Greedy continuation of left-padded prompts, [B, prompt + new], as transformers' ``generate``
-        returns it (prompt padding kept, pad after a row's EOS, stops when every row has ended).
+        returns it (prompt padding kept, pad after a row's first stop token: any of ``eos_token_id``,
+        one id or a list; stops when every row has ended).
 
         No KV cache: every new token re-runs the whole prefix. The prompts are re-laid RIGHT-padded,
         so plain causal attention is exact for every real token (module docstring), and row b's next
@@ -142,7 +143,7 @@ class MegatronStrategy:
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
             seq[rows, ends] = token
             new.append(token)
-            done |= token == eos_token_id
+            done |= at_stop(token, eos_token_id)
             if bool(done.all()):
                 break
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
@@ -319,7 +320,9 @@ class MegatronStrategy:
         def loss_func(batch, output):
             outputs = self._scores(output, batch) if self.reward else self._logps(output, batch["labels"])
             share = loss_fn(outputs, batch)
-            return share * scale, {"share": share.detach()}
+            # A non-finite share poisons every gradient (times NaN), so the grad-norm check below
+            # catches a bad loss too, on every rank, with no extra collective.
+            return share * poison_nonfinite(share, scale), {"share": share.detach()}
 
         for m in self.model:
             m.zero_grad_buffer()
@@ -336,11 +339,18 @@ class MegatronStrategy:
             # biases and 1-D parameters (the deepspeed strategy's grouping) and lr_mult 1.
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
-        ok, grad_norm, _ = self.optimizer.step()
-        if not ok:
-            raise RuntimeError(f"megatron optimizer skipped step {self.step} (non-finite gradients)")
-        self.step += 1
-        return {"loss": total, "grad_norm": float(grad_norm), "lr": lr}
+        # megatron's fp32 optimizers apply non-finite gradients; look at the global norm first (the
+        # model-parallel and, for the distributed optimizer, data-parallel reduced one) and skip the
+        # update when it is not finite. Identical on every rank, so every rank skips together.
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            ok, grad_norm, _ = self.optimizer.step()
+            skipped = not ok
+        self.step += 1  # the LR schedule advances over a skipped step too: it counts steps, not updates
+        return {"loss": total, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "lr": lr, "skipped": skipped}
 
     @torch.no_grad()
     def _forward(self, batch: dict[str, torch.Tensor], read: Callable, shape: tuple,
@@ -368,7 +378,8 @@ class MegatronStrategy:
         checkpoint.save(Path(ckpt_dir) / tag / "megatron", self.chunks, self.optimizer, self.step, client_state,
                         self.topology.is_main)
 
-    def load(self, ckpt_dir: Path, tag: str) -> dict:
+    def load(self, ckpt_dir: Path, tag: str, saved: dict | None = None) -> dict:
+        """dist_checkpointing reshards to this layout whatever ``saved`` (the writer's layout) was."""
         self.step, client_state = checkpoint.load(Path(ckpt_dir) / tag / "megatron", self.chunks, self.optimizer)
         return client_state
 

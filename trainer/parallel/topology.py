@@ -50,14 +50,17 @@ class Topology:
     device: torch.device
 
     @classmethod
-    def initialize(cls, parallel: DictConfig, timeout_minutes: int = 30) -> "Topology":
+    def initialize(cls, parallel: DictConfig) -> "Topology":
+        """Process groups whose collectives give up after ``parallel.timeout_minutes`` (a hung or dead
+        rank then fails the run instead of holding the job until the scheduler's limit)."""
+        timeout = datetime.timedelta(minutes=parallel.timeout_minutes)
         device = _resolve_device(parallel.device)
         backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             if "RANK" in os.environ:
-                dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+                dist.init_process_group(backend, timeout=timeout)
             else:
                 # Not under torchrun: a 1-process group, so DeepSpeed and the collectives in the
                 # stage code run unchanged (DeepSpeed also insists on a LOCAL_RANK).
@@ -72,7 +75,8 @@ class Topology:
                 pipeline_model_parallel_size=parallel.pp,
                 context_parallel_size=parallel.cp,
                 virtual_pipeline_model_parallel_size=parallel.virtual_pp if parallel.virtual_pp > 1 else None,
-                distributed_timeout_minutes=timeout_minutes,
+                # megatron takes whole minutes; the world group above keeps the exact timeout.
+                distributed_timeout_minutes=max(1, round(parallel.timeout_minutes)),
             )
         return cls(world_size=world_size, rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
                    tp=parallel.tp, pp=parallel.pp, cp=parallel.cp, dp=dp, device=device)

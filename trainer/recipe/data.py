@@ -62,13 +62,17 @@ def mix(parts: list[tuple[str, float, list[dict]]], seed: int) -> tuple[list[dic
 
 def stage_data(stage_name: str, mix_spec: tuple[tuple[str, float], ...], recipe: DictConfig, data_dir: Path,
                seed: int) -> tuple[Path, list[Path], dict[str, float]]:
-    """Write the stage's mixed train file; return it, the eval files of its sources, the proportions."""
+    """Write the stage's mixed train file; return it, the eval files of its sources, the proportions.
+
+    ``data_dir`` is created here: only synthetic sources create it on their way (``source_files``),
+    and a recipe whose sources are all JSONL files must not depend on that."""
     parts, evals = [], []
     for name, weight in mix_spec:
         train, eval_ = source_files(name, recipe.sources[name], data_dir)
         parts.append((name, weight, _records(train)))
         evals += eval_
     records, proportions = mix(parts, seed)
+    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / f"{stage_name}_train.jsonl"
     write_jsonl(path, records)
     (data_dir / f"{stage_name}_mix.json").write_text(json.dumps(proportions, indent=2))

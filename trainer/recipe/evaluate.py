@@ -41,7 +41,9 @@ class HFRunner:
                              use_cache=False).logits
         return token_logps(logits, batch["labels"])
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id) -> torch.Tensor:
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id: int | list[int],
+                 pad_token_id) -> torch.Tensor:
+        """Greedy continuation, [B, prompt + new]; a row ends at any of the ``eos_token_id`` ids."""
         return self.module.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                     max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                     pad_token_id=pad_token_id, use_cache=True)

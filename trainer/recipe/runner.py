@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import write_text_atomic
 from trainer.logging.report import write_report
+from trainer.logging.metrics import dumps
 from trainer.models import build_model
 from trainer.parallel.topology import Topology
 from trainer.recipe.data import source_files, stage_data
@@ -74,7 +75,7 @@ def _evaluate(cfg: DictConfig, name: str, hf_dir: Path, topology: Topology) -> d
     metrics = evaluate_model(hf_dir, sources, recipe.eval, cfg.data.max_length, topology)
     if topology.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(metrics, indent=2))
+        write_text_atomic(path, dumps(metrics, indent=2))
     log.info("eval after %s: %s", name, {k: round(v, 4) for k, v in metrics.items() if k.endswith("accuracy")})
     return metrics
 

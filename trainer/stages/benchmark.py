@@ -21,7 +21,6 @@ on every run: a benchmark has no COMPLETE marker and no checkpoints.
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import time
@@ -31,6 +30,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from trainer.checkpoint import write_text_atomic
+from trainer.logging.metrics import dumps
 from trainer.models import build_model, count_parameters
 from trainer.parallel.topology import Topology
 from trainer.stages import common
@@ -134,7 +134,7 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
     if topology.device.type == "cuda":  # over the timed steps, the largest of any rank
         result["peak_device_memory_gib"] = _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30, topology)
     if topology.is_main:
-        write_text_atomic(out / "benchmark.json", json.dumps(result, indent=2))
+        write_text_atomic(out / "benchmark.json", dumps(result, indent=2))
         log.info("benchmark: %.0f tokens/s (%.0f per device), %.1f model TFLOP/s per device, MFU %.1f%%",
                  tokens_per_s, per_device, tflops, 100 * result["mfu"])
     topology.barrier()

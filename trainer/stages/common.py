@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,9 +25,12 @@ from trainer.data.preference import synthetic_preference_records, synthetic_rewa
 from trainer.data.synthetic import generate_chat_records, write_jsonl
 from trainer.data.tokenizer import build_embedded_tokenizer, load_tokenizer
 from trainer.logging import MetricsLogger
+from trainer.logging.metrics import dumps
 from trainer.models import count_parameters
 from trainer.parallel.strategy import build_strategy
 from trainer.parallel.topology import Topology
+from trainer.runtime import identity, signals
+from trainer.runtime.errors import BadInput, Diverged, Preempted, Refused
 
 log = logging.getLogger(__name__)
 STAGE_MARKER = "COMPLETE.json"
@@ -48,19 +54,24 @@ SYNTHETIC = {"sft": generate_chat_records, "preference": synthetic_preference_re
 
 
 def data_files(cfg: DictConfig, topology: Topology, kind: str = "sft") -> tuple[list[Path], list[Path]]:
-    """The train / eval JSONL files; with none configured, rank 0 writes the synthetic ``kind`` ones."""
+    """The train / eval JSONL files; with none configured, rank 0 writes the synthetic ``kind`` ones
+    (again whenever ``data.synthetic`` differs from what wrote the files on disk)."""
     if cfg.data.train:
         return [Path(p) for p in cfg.data.train], [Path(p) for p in cfg.data.eval]
     syn = cfg.data.synthetic
     out = Path(cfg.run.dir) / "data"
     train, eval_ = out / f"{kind}_train.jsonl", out / f"{kind}_eval.jsonl"
-    if topology.is_main and not (train.is_file() and eval_.is_file()):
+    spec = out / f"{kind}_synthetic.json"
+    wanted = json.dumps(OmegaConf.to_container(syn, resolve=True), sort_keys=True)
+    current = train.is_file() and eval_.is_file() and spec.is_file() and spec.read_text() == wanted
+    if topology.is_main and not current:
         out.mkdir(parents=True, exist_ok=True)
         families = list(syn.families)
         generate = SYNTHETIC[kind]
         write_jsonl(train, generate(syn.n_train, syn.seed, families))
         # A different seed stream, so held-out prompts are new draws, not the training ones.
         write_jsonl(eval_, generate(syn.n_eval, syn.seed + 1_000_003, families))
+        write_text_atomic(spec, wanted)
     topology.barrier()
     return [train], [eval_]
 
@@ -110,7 +121,7 @@ def read_stage_result(directory: Path) -> dict | None:
 
 
 def write_stage_result(directory: Path, result: dict) -> None:
-    write_text_atomic(directory / STAGE_MARKER, json.dumps(result, indent=2))
+    write_text_atomic(directory / STAGE_MARKER, dumps(result, indent=2))
 
 
 def save_config(cfg: DictConfig, directory: Path) -> None:
@@ -118,11 +129,19 @@ def save_config(cfg: DictConfig, directory: Path) -> None:
     write_text_atomic(directory / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def maybe_inject_fault(step: int, stage: str | None = None) -> None:
-    """Fault injection for resume tests: ``STAGECRAFT_FAULT_AFTER_STEP=N`` (any stage) or
-    ``=<stage>:N`` kills the process after step N without any cleanup, as a preemption or crash would."""
-    wanted = os.environ.get("STAGECRAFT_FAULT_AFTER_STEP")
-    if wanted is not None and wanted in (str(step), f"{stage}:{step}"):
+def maybe_inject_fault(step: int, stage: str | None = None, rank: int = 0) -> None:
+    """Fault injection for tests, after step N (``N`` for any stage, or ``<stage>:N``):
+    ``STAGECRAFT_FAULT_AFTER_STEP`` kills the process without any cleanup, as a crash would;
+    ``STAGECRAFT_SIGNAL_AFTER_STEP`` sends this process SIGTERM, as a scheduler would (every rank:
+    torchrun forwards a signal to all its workers); ``STAGECRAFT_HANG_AFTER_STEP`` makes rank 1 hang."""
+    def matches(var: str) -> bool:
+        return os.environ.get(var) in (str(step), f"{stage}:{step}")
+
+    if matches("STAGECRAFT_SIGNAL_AFTER_STEP"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    if matches("STAGECRAFT_HANG_AFTER_STEP") and rank == 1:
+        time.sleep(3600)
+    if matches("STAGECRAFT_FAULT_AFTER_STEP"):
         sys.stdout.flush()
         sys.stderr.flush()
         # A real failure takes the worker's helper processes down with it (the scheduler kills the
@@ -134,10 +153,17 @@ def maybe_inject_fault(step: int, stage: str | None = None) -> None:
 
 
 def start(cfg: DictConfig, topology: Topology) -> tuple[Path, dict | None]:
-    """The stage directory, and the stage's result when it already completed (checkpoint.resume=auto
-    then skips it); otherwise rank 0 records the resolved config there."""
+    """The stage directory, and the stage's result when it already completed with this identity
+    (checkpoint.resume=auto then skips it); otherwise rank 0 records the resolved config there.
+
+    Rank 0 compares the stage's identity (config, model and data fingerprints) with the one recorded
+    on disk; every rank raises the same :class:`Refused` when they differ (trainer/runtime/identity.py)."""
+    signals.install(cfg.run.stop_signals)
     out = stage_dir(cfg)
-    finished = read_stage_result(out)
+    refusal = from_main(identity.check_stage(cfg, out) if topology.is_main else None, topology)
+    if refusal is not None:
+        raise Refused(refusal)
+    finished = from_main(read_stage_result(out) if topology.is_main else None, topology)
     if finished is not None and cfg.checkpoint.resume == "auto":
         log.info("stage %s already complete in %s; skipping", cfg.stage.name, out)
         return out, finished
@@ -171,8 +197,10 @@ def setup_strategy(cfg: DictConfig, topology: Topology, grad_accum: int, total: 
 
 def restore(cfg: DictConfig, topology: Topology, strategy, total: int) -> tuple[CheckpointManager, int, MetricsLogger]:
     """The stage's checkpoints, the step it starts from (the selected checkpoint loaded), its logger."""
-    checkpoints = CheckpointManager(stage_dir(cfg) / "checkpoints", cfg.checkpoint.keep_last, topology)
+    checkpoints = CheckpointManager(stage_dir(cfg) / "checkpoints", cfg.checkpoint.keep_last, topology,
+                                    seed=cfg.run.seed)
     start_step = resume_step(cfg, checkpoints, strategy)
+    # Created only now: metrics of steps after start_step are cut back once the checkpoint has loaded.
     logger = MetricsLogger(stage_dir(cfg), cfg, cfg.stage.name, total, start_step, enabled=topology.is_main)
     return checkpoints, start_step, logger
 
@@ -183,15 +211,18 @@ def resume_step(cfg: DictConfig, checkpoints: CheckpointManager, strategy) -> in
     resume = cfg.checkpoint.resume
     if resume == "never":
         if checkpoints.latest() is not None:
-            raise RuntimeError(f"checkpoint.resume=never but {checkpoints.dir} already holds checkpoints; "
-                               "use checkpoint.resume=auto to continue, or a new run.dir")
+            raise Refused(f"checkpoint.resume=never but {checkpoints.dir} already holds checkpoints; "
+                          "use checkpoint.resume=auto to continue, or a new run.dir")
         return 0
     if resume == "auto":
-        path = checkpoints.latest()
+        path = checkpoints.newest_verified()  # a newer one that fails verification is named and skipped
     else:
         path = Path(resume)
         if not (path / MARKER).is_file():
-            raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)")
+            raise BadInput(f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)")
+        problem = checkpoints.verify(path)
+        if problem is not None:
+            raise BadInput(f"checkpoint.resume: {path} cannot be resumed from: {problem}")
     if path is None:
         return 0
     client_state = checkpoints.load(strategy, path)
@@ -199,17 +230,64 @@ def resume_step(cfg: DictConfig, checkpoints: CheckpointManager, strategy) -> in
     return int(client_state["step"])
 
 
-def after_step(cfg: DictConfig, checkpoints: CheckpointManager, strategy, done: int, total: int) -> None:
-    """Periodic checkpoint (the final one is written by :func:`finish`), then the fault-injection hook."""
+class BadSteps:
+    """Counts steps whose loss or gradient norm was not finite. The strategy has already declined to
+    apply such a step; after ``stage.max_bad_steps`` of them in a row (0: never) the stage stops with
+    :class:`Diverged`, before it checkpoints or exports anything more."""
+
+    def __init__(self, stage: DictConfig):
+        self.limit = stage.max_bad_steps
+        self.name = stage.name
+        self.in_a_row = 0
+        self.total = 0
+
+    def update(self, step: int, info: dict, metrics: dict) -> None:
+        """Count step ``step``; ``metrics`` (about to be logged) gains ``skipped`` and ``bad_steps``.
+        Every rank sees the same ``info["skipped"]``: it comes from an already-reduced gradient norm."""
+        bad = bool(info.get("skipped"))
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        self.total += bad
+        self.step = step
+        metrics.update(skipped=int(bad), bad_steps=self.total)
+        if bad:
+            log.warning("%s step %d: non-finite loss or gradient norm (loss %s, grad norm %s); update skipped "
+                        "(%d in a row)",
+                        self.name, step, metrics.get("loss"), metrics.get("grad_norm"), self.in_a_row)
+
+    def raise_if_diverged(self) -> None:
+        if self.limit and self.in_a_row >= self.limit:
+            raise Diverged(f"stage {self.name} diverged: {self.in_a_row} consecutive steps up to step {self.step} had a "
+                           f"non-finite loss or gradient norm (stage.max_bad_steps={self.limit}). Nothing was "
+                           "exported; the last good checkpoint is kept. Lower stage.optim.lr, raise "
+                           "stage.optim.warmup_steps, or check the data")
+
+
+def after_step(cfg: DictConfig, topology: Topology, checkpoints: CheckpointManager, strategy, done: int,
+               total: int, bad_steps: BadSteps) -> None:
+    """End of step ``done`` (logged already): stop if it diverged, the periodic checkpoint (the final
+    one is written by :func:`finish`), the fault-injection hook, then the stop-signal check: every rank
+    agrees, and a stop checkpoints and raises Preempted."""
+    bad_steps.raise_if_diverged()
     every = cfg.checkpoint.every_steps
-    if every and done % every == 0 and done < total:
+    saved = False
+    # Not during a run of bad steps: the newest checkpoint stays the one from before it.
+    if every and done % every == 0 and done < total and not bad_steps.in_a_row:
         checkpoints.save(strategy, done, {"step": done})
-    maybe_inject_fault(done, cfg.stage.name)
+        saved = True
+    maybe_inject_fault(done, cfg.stage.name, topology.rank)
+    if signals.agreed(topology.world_size, topology.device) and done < total:
+        path = checkpoints.dir / checkpoints.tag(done) if saved else checkpoints.save(strategy, done, {"step": done})
+        why = signals.requested() or "a stop signal on another rank"
+        raise Preempted(f"stage {cfg.stage.name} stopped by {why} after step {done}/{total}; checkpoint {path}. "
+                        "Rerun the same command to resume")
 
 
 def finish(cfg: DictConfig, topology: Topology, strategy, checkpoints: CheckpointManager, tokenizer, logger,
            total: int, result: dict) -> dict:
     """Final checkpoint, HF export, the stage's COMPLETE.json. Collective."""
+    bad = {k: v for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise Diverged(f"stage {cfg.stage.name}: non-finite results {bad}; nothing exported")
     latest = checkpoints.latest()
     if latest is None or latest.name != checkpoints.tag(total):
         checkpoints.save(strategy, total, {"step": total})

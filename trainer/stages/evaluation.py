@@ -28,6 +28,29 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+def stop_token_ids(tokenizer, module: torch.nn.Module) -> list[int]:
+    """The ids greedy generation stops at: the tokenizer's eos and every eos id of the model's
+    ``generation_config.json``. Phi-3 and Llama-3 list several there (end of turn, end of text) and
+    end a chat turn with one that is not the tokenizer's eos; stopping at that one alone would run
+    every response to the token limit. A generation config transformers derived from ``config.json``
+    (a model built from config, or a checkpoint without the file) adds nothing: its default eos
+    belongs to no tokenizer of ours."""
+    ids = [tokenizer.eos_token_id]
+    config = getattr(module, "generation_config", None)  # absent on non-generative modules
+    if config is not None and not getattr(config, "_from_model_config", False):
+        extra = config.eos_token_id
+        ids += [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def cut_at_stop(row: list[int], stop_ids: list[int]) -> list[int]:
+    """``row`` up to (without) its first stop token: the response the model gave."""
+    for t, token in enumerate(row):
+        if token in stop_ids:
+            return row[:t]
+    return row
+
+
 def _is_correct(record: dict, response: str) -> bool:
     family = record.get("family")
     prompt = record["messages"][-2]["content"]
@@ -48,17 +71,16 @@ def generation_accuracy(strategy, records: list[dict], tokenizer, topology: Topo
     correct = torch.zeros(len(families), dtype=torch.float64)
     total = torch.zeros(len(families), dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stops, pad = stop_token_ids(tokenizer, strategy.module), tokenizer.pad_token_id
     strategy.eval()
     for c in range(calls):
         chunk = mine[c * batch_size:(c + 1) * batch_size]
         real = len(chunk)
         chunk = chunk or records[:1]  # a dummy call keeps this rank in step; its result is discarded
         ids, mask = _left_pad([tokenize_prompt(tokenizer, r["messages"][:-1]) for r in chunk], pad)
-        out = strategy.generate(ids.to(topology.device), mask.to(topology.device), max_new_tokens, eos, pad)
+        out = strategy.generate(ids.to(topology.device), mask.to(topology.device), max_new_tokens, stops, pad)
         for record, row in zip(chunk[:real], out[:, ids.shape[1]:].cpu().tolist()):
-            if eos in row:
-                row = row[:row.index(eos)]
+            row = cut_at_stop(row, stops)
             response = tokenizer.decode(row, skip_special_tokens=True)
             k = families.index(record.get("family") or "other")
             correct[k] += float(_is_correct(record, response))

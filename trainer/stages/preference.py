@@ -178,13 +178,16 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
 
     strategy = common.setup_strategy(cfg, topology, plan.grad_accum, total_steps,
                                      lambda: build_model(cfg.model, len(tokenizer), cfg.run.seed))
-    checkpoints, start_step, logger = common.restore(cfg, topology, strategy, total_steps)
+    # Measured before any checkpoint is loaded, so a resumed run reports the starting model as
+    # "before" (a pure function of the config), not the checkpoint it resumed from.
     before = evaluate(strategy, evals, ref_eval, pad_id, stage, topology)
+    checkpoints, start_step, logger = common.restore(cfg, topology, strategy, total_steps)
     make_batch = (functools.partial(pack_pairs, max_length=cfg.data.max_length, pad_id=pad_id) if stage.packing
                   else functools.partial(collate_pairs, pad_id=pad_id))
 
     # ---- train -----------------------------------------------------------------------------------
     strategy.train()
+    bad_steps = common.BadSteps(stage)
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         batches = [common.to_device(make_batch([train[i] for i in ids]), topology.device)
@@ -208,8 +211,9 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
         metrics.update({**info, "loss": loss, "response_tokens_per_s": tokens / (time.perf_counter() - t0),
                         "epoch": step // plan.steps_per_epoch})
         done = step + 1
+        bad_steps.update(done, info, metrics)
         logger.log(done, metrics)
-        common.after_step(cfg, checkpoints, strategy, done, total_steps)
+        common.after_step(cfg, topology, checkpoints, strategy, done, total_steps, bad_steps)
 
     # ---- finish ----------------------------------------------------------------------------------
     after = evaluate(strategy, evals, ref_eval, pad_id, stage, topology)

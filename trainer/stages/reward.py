@@ -148,6 +148,7 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
 
     # ---- train -----------------------------------------------------------------------------------
     strategy.train()
+    bad_steps = common.BadSteps(stage)
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         batches = [common.to_device(collate_reward([train[i] for i in ids], pad_id), topology.device)
@@ -164,8 +165,9 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
         done = step + 1
         if stage.eval_every and done % stage.eval_every == 0 and done < total_steps:
             metrics.update(evaluate(strategy, evals, pad_id, stage.micro_batch_size, topology, attributes))
+        bad_steps.update(done, info, metrics)
         logger.log(done, metrics)
-        common.after_step(cfg, checkpoints, strategy, done, total_steps)
+        common.after_step(cfg, topology, checkpoints, strategy, done, total_steps, bad_steps)
 
     # ---- finish ----------------------------------------------------------------------------------
     result = {"stage": stage.name, "type": "reward", "steps": total_steps, "train_data": train_stats,
