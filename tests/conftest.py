@@ -39,12 +39,9 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def run_stagecraft(run_dir: Path, overrides: list[str], cache: Path, nproc: int = 1, env: dict | None = None,
-                   check: bool = True, script: Path | None = None) -> subprocess.CompletedProcess:
-    """`stagecraft run.dir=... <overrides>` as a user types it; nproc > 1 goes through its torchrun launch.
-
-    ``script``: a test-only entry point that patches something and then runs the same command (e.g.
-    tests/megatron_cli.py); torchrun starts it directly, since the command's own launch would not."""
+def stagecraft_command(run_dir: Path, overrides: list[str], cache: Path, nproc: int = 1, env: dict | None = None,
+                       script: Path | None = None) -> tuple[list[str], dict]:
+    """The command line and environment of `stagecraft run.dir=... <overrides>` (see run_stagecraft)."""
     # A model loaded from model.path has no model.config to shrink.
     tiny = [o for o in TINY if not ("model=hf" in overrides and o.startswith("model.config."))]
     args = [f"run.dir={run_dir}", *tiny, *overrides]
@@ -55,10 +52,20 @@ def run_stagecraft(run_dir: Path, overrides: list[str], cache: Path, nproc: int 
     else:
         cmd = [sys.executable, "-m", "trainer.cli", *args]
         if nproc > 1:
-            cmd += [f"cluster.nproc_per_node={nproc}", f"cluster.master_port={free_port()}"]
+            cmd += [f"cluster.nproc_per_node={nproc}"]  # the command picks a free port itself
     full_env = {**os.environ, "STAGECRAFT_CACHE": str(cache), "OMP_NUM_THREADS": "1", **(env or {})}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(var, None)
+    return cmd, full_env
+
+
+def run_stagecraft(run_dir: Path, overrides: list[str], cache: Path, nproc: int = 1, env: dict | None = None,
+                   check: bool = True, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`stagecraft run.dir=... <overrides>` as a user types it; nproc > 1 goes through its torchrun launch.
+
+    ``script``: a test-only entry point that patches something and then runs the same command (e.g.
+    tests/megatron_cli.py); torchrun starts it directly, since the command's own launch would not."""
+    cmd, full_env = stagecraft_command(run_dir, overrides, cache, nproc, env, script)
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"stagecraft failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

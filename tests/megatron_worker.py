@@ -91,7 +91,8 @@ def parallel_config(opts: dict) -> DictConfig:
                        "dp": -1, "virtual_pp": opts.get("vpp", 1), "sequence_parallel": False,
                        "distributed_optimizer": opts.get("dist_opt", True), "zero_stage": 0,
                        "precision": opts.get("precision", "fp32"), "offload_optimizer": False,
-                       "activation_checkpointing": opts.get("recompute", False), "device": "cpu", "backend": "gloo"})
+                       "activation_checkpointing": opts.get("recompute", False), "device": "cpu", "backend": "gloo",
+                       "timeout_minutes": 30.0})
 
 
 def batch_for(ids: torch.Tensor) -> dict:
@@ -188,11 +189,28 @@ def run_train(opts: dict, topology) -> dict:
     final = strategy.full_state_dict()
     if final is not None and opts.get("weights"):
         torch.save(final, opts["weights"])
-    out = {"records": records, "local_loss_consistent": consistent, "roundtrip_bit_exact": roundtrip}
+    out = {"records": records, "local_loss_consistent": consistent, "roundtrip_bit_exact": roundtrip,
+           "nan_step": nan_step(strategy, data, plan, steps, topology, final)}
     if opts.get("preference"):  # preference steps in the same layout and launch (a launch costs more)
         layout = {k: opts[k] for k in ("tp", "pp", "vpp", "dist_opt", "recompute", "precision") if k in opts}
         out["preference"] = run_dpo({**layout, **opts["preference"]}, topology)
     return out
+
+
+def nan_step(strategy, data, plan, step: int, topology, before: dict | None) -> dict:
+    """One more step whose loss is NaN on data-parallel rank 0 only: it must be skipped on every rank
+    (the poisoned gradient reaches all of them through the reductions) and leave every weight as it
+    was."""
+    batches = [collate([data[i] for i in ids], PAD) for ids in plan.micro_batches(step, topology.dp_rank)]
+
+    def loss_fn(logps, batch):
+        loss = -(logps * batch["loss_mask"]).sum() / plan.global_batch_size
+        return loss * float("nan") if topology.dp_rank == 0 else loss
+
+    info = strategy.train_step(batches, loss_fn)
+    after = strategy.full_state_dict()
+    unchanged = None if before is None else all(torch.equal(before[k], after[k]) for k in before)
+    return {"skipped": info["skipped"], "unchanged": unchanged, "grad_norm": info["grad_norm"]}
 
 
 def pref_setup(opts: dict, dp: int):

@@ -155,6 +155,8 @@ def test_layouts_match_single_process(reference, layout_run, name):
     assert out["local_loss_consistent"], "loss differs between ranks of one pipeline/tensor group"
     assert out["roundtrip_bit_exact"], "HF -> megatron -> HF full_state_dict is not bit-exact"
     assert_weights_close(reference["weights"], out["weights"])
+    # A NaN loss on one micro-batch of one rank: the step is skipped and no weight moves.
+    assert out["nan_step"]["skipped"] and out["nan_step"]["unchanged"], out["nan_step"]
 
 
 @pytest.mark.distributed

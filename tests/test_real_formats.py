@@ -13,6 +13,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from tests.test_data import CONVERSATION
 from trainer.config.schema import DataSourceConfig, ParallelConfig
 from trainer.data import TemplateError, build_embedded_tokenizer, load_tokenizer, tokenize_chat
 from trainer.data.chat import tokenize_prompt
@@ -169,13 +170,6 @@ PHI3 = (
     "{% for message in messages %}<|{{ message.role }}|>\n{{ message.content }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}"
 )
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Reverse: abc"},
-    {"role": "assistant", "content": "cba"},
-    {"role": "user", "content": "Upper: ab c"},
-    {"role": "assistant", "content": "AB C"},
-]
 
 
 def _phi3(cache: Path, eos: str):

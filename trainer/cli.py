@@ -25,7 +25,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import CONFIG_DIR, register_configs, validate
+from trainer.config import CONFIG_DIR, ConfigError, register_configs, validate
 from trainer.config.paths import check_paths
 from trainer.runtime.errors import CollectiveTimeout, RunError, exit_code_for
 from trainer.runtime.lock import HELD_ENV, RunLock
@@ -132,10 +132,11 @@ def _ended(cfg: DictConfig, err: BaseException) -> int:
         err = CollectiveTimeout(f"rank {rank}: {_where(err)} timed out after {cfg.parallel.timeout_minutes} min "
                                 f"(parallel.timeout_minutes); another rank hung or died. {str(err).splitlines()[0]}")
     code = exit_code_for(err)
+    # On stderr, where a shell user and a scheduler's error file look (the progress log is on stdout).
     if code == 1:
-        log.error("rank %d failed:\n%s", rank, "".join(traceback.format_exception(err)))
+        print(f"stagecraft: rank {rank} failed:\n{''.join(traceback.format_exception(err))}", file=sys.stderr)
     elif rank == 0 or isinstance(err, CollectiveTimeout):
-        log.error("%s", err)
+        print(f"stagecraft: error: {err}", file=sys.stderr)
     if rank == 0 or isinstance(err, CollectiveTimeout):
         out = Path(cfg.run.dir)
         if out.is_dir():  # a config refused before anything ran leaves no directory behind
@@ -154,8 +155,19 @@ def _exit_code_from_workers(cfg: DictConfig, torchrun_code: int) -> int:
         ended = json.loads(path.read_text())
     except (OSError, ValueError):
         return torchrun_code
-    log.error("run ended (exit code %d): %s", ended["code"], ended["message"].splitlines()[0])
+    print(f"stagecraft: run ended with exit code {ended['code']}: {ended['message'].splitlines()[0]}",
+          file=sys.stderr)
     return int(ended["code"]) or torchrun_code
+
+
+def _require_model_path(cfg: DictConfig) -> None:
+    """``model=hf`` names no model of its own: its ``path: ???`` merges onto the schema's null, so
+    without this check the embedded tiny model would quietly be trained instead."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.get().runtime.choices.get("model") == "hf" and cfg.model.path is None:
+        raise ConfigError("model.path: model=hf needs a local Hugging Face model directory "
+                          "(model.path=/path/to/model)")
 
 
 def _main(cfg: DictConfig) -> None:
@@ -165,6 +177,7 @@ def _main(cfg: DictConfig) -> None:
         # Resolved once here, so every worker and every stage of a recipe agrees on it.
         cfg.run.dir = str(cfg.run.dir)
         validate(cfg, None if under_launcher else world)  # the layout against the process count, once
+        _require_model_path(cfg)
         check_paths(cfg)
     except Exception as err:  # noqa: BLE001  (a bad config: its one-line message, its exit code)
         raise SystemExit(_ended(cfg, err)) from None

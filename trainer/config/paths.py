@@ -17,7 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 
 from trainer.config.validate import ConfigError
-from trainer.models.reward import CONFIG_FILE as REWARD_CONFIG_FILE
+
+# What a reward export holds besides the backbone (trainer.models.reward writes it). Defined here, not
+# there: that module pulls in torch and transformers, seconds the launcher should not spend first.
+REWARD_CONFIG_FILE = "reward_config.json"
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.index.json")
 # Any one of these lets AutoTokenizer find a tokenizer (tokenizer_config.json may name the class).
@@ -57,17 +60,21 @@ def check_paths(cfg: DictConfig) -> None:
 
 
 def _path(cfg: DictConfig, section: str, name: str) -> Path | None:
-    """The path under `section.name`, None when unset or absent from this stage's schema."""
+    """The path under `section.name`, None when null or absent from this stage's schema."""
     node = cfg.get(section)
     if node is None:
         return None
     # Checked first: `in` is False for a ??? value, which would read as "not in this schema".
     if OmegaConf.is_missing(node, name):
         raise ConfigError(f"{section}.{name}: must be set (it is ???)")
-    if name not in node:
+    if name not in node or node[name] is None:
         return None
-    value = node[name]
-    return None if value is None else Path(str(value))
+    value = str(node[name])
+    if not value:
+        if name == "tokenizer":  # "" falls back to model.path, as trainer.stages.common.build_tokenizer reads it
+            return None
+        raise ConfigError(f"{section}.{name}: is empty; set a directory or null")
+    return Path(value)
 
 
 def check_model_dir(key: str, path: Path) -> None:

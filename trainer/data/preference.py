@@ -7,7 +7,10 @@ multi-turn prompt, never do. Both sides of n pairs are collated into one batch o
 slice, `logps[:n]` / `logps[n:]`).
 
 A reward example is a conversation ending in the response being scored, with HelpSteer2-style
-attribute scores; a missing attribute is masked out of the regression, not treated as 0.
+attribute scores; a missing attribute is masked out of the regression, not treated as 0. It is either
+the project's `{"messages", "attributes"}` or one of HelpSteer2's own rows as published
+(`{"prompt", "response", "helpfulness", ...}`, scores as top-level columns), so the public data needs no
+conversion step.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from trainer.data.chat import TRUNCATION, collate, tokenize_chat
-from trainer.data.records import validate_messages
+from trainer.data.records import short_repr, validate_conversation_start, validate_messages
 from trainer.data.synthetic import TASK_FAMILIES, make_sample, verify
 from trainer.losses.reward import HELPSTEER2_ATTRIBUTES  # one definition, shared with the loss
 
@@ -35,9 +38,12 @@ _PAIR_KEYS = frozenset({*_SIDES, "chosen_reward", "rejected_reward"})
 def _check_number(value: object, name: str) -> None:
     # bool is an int subclass; a JSON `true` reward is a mistake, not 1.0.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {short_repr(value)}")
+    # JSON integers are unbounded; one beyond float range would overflow in float() (and math.isfinite).
+    if isinstance(value, int) and abs(value) > sys.float_info.max:
+        raise ValueError(f"{name} is too large for a float, got {short_repr(value)}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise ValueError(f"{name} must be finite, got {short_repr(value)}")
 
 
 def validate_preference_record(rec: dict) -> None:
@@ -101,15 +107,35 @@ def preference_messages(rec: dict) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def validate_reward_record(rec: dict, attributes: Sequence[str] = HELPSTEER2_ATTRIBUTES) -> None:
-    """Check `{"messages": [..., assistant], "attributes": {name: number}}` against known `attributes`.
+    """Check a reward record against known `attributes`; ValueError says why.
 
-    An attribute may be absent or null (it is masked), but at least one known attribute must be scored;
-    an unknown name is an error, since it is usually a misspelling whose scores would be silently lost.
+    Two shapes: `{"messages": [..., assistant], "attributes": {name: number}}`, or a HelpSteer2 row
+    `{"prompt": str, "response": str, name: number, ...}` (one user turn, the scored response, and the
+    scores as top-level columns). A row with "messages" is read as the first shape.
+    An attribute may be absent or null (it is masked), but at least one known attribute must be scored.
+    An unknown name in the `attributes` object is an error, since it is usually a misspelling whose scores
+    would be silently lost; a HelpSteer2 row's other columns are not checked (rows carry more than scores).
     """
+    if "messages" in rec or not ("prompt" in rec or "response" in rec):
+        _check_reward_conversation(rec, attributes)
+    else:
+        _check_helpsteer2_row(rec)
+    scores = reward_scores(rec, attributes)
+    present = [name for name in attributes if scores.get(name) is not None]
+    if not present:
+        where = "attributes" if "messages" in rec else "the row"
+        raise ValueError(f"{where} has no score for any of {', '.join(attributes)}")
+    for name in present:
+        _check_number(scores[name], f"attributes.{name}" if "messages" in rec else name)
+
+
+def _check_reward_conversation(rec: dict, attributes: Sequence[str]) -> None:
     if "messages" not in rec:
-        raise ValueError(f"missing key 'messages' (keys: {', '.join(sorted(rec)) or 'none'})")
+        raise ValueError(f"missing key 'messages' (or HelpSteer2's 'prompt' and 'response'; keys: "
+                         f"{', '.join(sorted(rec)) or 'none'})")
     messages = rec["messages"]
     validate_messages(messages)
+    validate_conversation_start(messages)
     if messages[-1]["role"] != "assistant":
         raise ValueError(
             f"messages must end with an assistant turn (the scored response), got {messages[-1]['role']!r}"
@@ -118,17 +144,40 @@ def validate_reward_record(rec: dict, attributes: Sequence[str] = HELPSTEER2_ATT
         raise ValueError(f"messages[{len(messages) - 1}].content is an empty response")
     if "attributes" not in rec:
         raise ValueError("missing key 'attributes'")
-    scores = rec["attributes"]
-    if not isinstance(scores, dict):
-        raise ValueError(f"attributes must be an object, got {type(scores).__name__}")
-    unknown = sorted(set(scores) - set(attributes))
+    if not isinstance(rec["attributes"], dict):
+        raise ValueError(f"attributes must be an object, got {type(rec['attributes']).__name__}")
+    unknown = sorted(set(rec["attributes"]) - set(attributes))
     if unknown:
-        raise ValueError(f"unknown attribute(s) {', '.join(map(repr, unknown))} (known: {', '.join(attributes)})")
-    present = [name for name in attributes if scores.get(name) is not None]
-    if not present:
-        raise ValueError(f"attributes has no score for any of {', '.join(attributes)}")
-    for name in present:
-        _check_number(scores[name], f"attributes.{name}")
+        raise ValueError(f"unknown attribute(s) {', '.join(map(short_repr, unknown))} (known: {', '.join(attributes)})")
+
+
+def _check_helpsteer2_row(rec: dict) -> None:
+    for key in ("prompt", "response"):
+        if key not in rec:
+            raise ValueError(f"missing key {key!r} (a HelpSteer2 row has 'prompt' and 'response')")
+        if not isinstance(rec[key], str):
+            raise ValueError(f"{key} must be a string, got {type(rec[key]).__name__}")
+    if not rec["prompt"].strip():
+        raise ValueError("prompt is empty")
+    if not rec["response"].strip():
+        raise ValueError("response is empty")
+
+
+def reward_messages(rec: dict) -> list[dict]:
+    """The conversation of a valid reward record; a HelpSteer2 row is one user turn and the response."""
+    if "messages" in rec:
+        return rec["messages"]
+    return [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
+
+
+def reward_scores(rec: dict, attributes: Sequence[str]) -> dict:
+    """The attribute scores of a reward record by name (absent or None: unscored).
+
+    The `attributes` object as given, or a HelpSteer2 row's columns named in `attributes`.
+    """
+    if "messages" in rec:
+        return rec["attributes"]
+    return {name: rec[name] for name in attributes if name in rec}
 
 
 # --- tokenization ------------------------------------------------------------------------------------------
@@ -195,13 +244,13 @@ def _tokenize_response(
 def tokenize_reward_example(
     tokenizer: PreTrainedTokenizerBase, rec: dict, attributes: Sequence[str], max_length: int
 ) -> dict | None:
-    """`{"input_ids", "targets", "target_mask"}` of a valid reward record; None if it cannot fit.
+    """`{"input_ids", "targets", "target_mask"}` of a valid reward record (either shape); None if it cannot fit.
 
     The reward head reads the last token, so truncation keeps the end: the earliest turns are removed
     first. If the final assistant turn itself does not fit with a token of context before it, None.
     targets hold each attribute's score (0.0 where missing) and target_mask 1.0 where present.
     """
-    full = tokenize_chat(tokenizer, rec["messages"], sys.maxsize)
+    full = tokenize_chat(tokenizer, reward_messages(rec), sys.maxsize)
     if full is None:
         return None
     ids, mask = full["input_ids"], full["assistant_mask"]
@@ -213,7 +262,7 @@ def tokenize_reward_example(
         if len(ids) - start + 1 > max_length:
             return None
         ids = ids[-max_length:]
-    scores = rec["attributes"]
+    scores = reward_scores(rec, attributes)
     present = [scores.get(name) is not None for name in attributes]
     return {
         "input_ids": ids,

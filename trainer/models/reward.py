@@ -25,11 +25,12 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from trainer.config.paths import REWARD_CONFIG_FILE
 from trainer.losses.reward import combine_attributes
 from trainer.models.hf import build_model
 
 HEAD_FILE = "reward_head.safetensors"
-CONFIG_FILE = "reward_config.json"
+CONFIG_FILE = REWARD_CONFIG_FILE  # one name for the file, shared with the start-up path checks
 FORMAT_VERSION = 1
 
 

@@ -295,15 +295,16 @@ class DeepSpeedStrategy:
         ckpt_dir = Path(ckpt_dir)
         if saved is None or (saved["dp"] == self.topology.dp and saved["tp"] == self.parallel.tp):
             return self._load(ckpt_dir, tag)
+        change = (f"was written with dp={saved['dp']} tp={saved['tp']} and this run has dp={self.topology.dp} "
+                  f"tp={self.parallel.tp}")
         if self.parallel.zero_stage == 0:
             if saved["tp"] == self.parallel.tp:
                 return self._load(ckpt_dir, tag)
             raise RuntimeError(
-                f"checkpoint {ckpt_dir / tag} was written with dp={saved['dp']} tp={saved['tp']}; this run has "
-                f"dp={self.topology.dp} tp={self.parallel.tp}. A ZeRO-0 checkpoint has no ZeRO shards that "
-                "DeepSpeed's universal conversion could merge across a tp change: resume it with "
-                f"parallel.tp={saved['tp']}, or with parallel.zero_stage of 1-3 from the start")
-        universal = self._universal(ckpt_dir, tag)
+                f"checkpoint {ckpt_dir / tag} {change}. A ZeRO-0 checkpoint has no ZeRO shards for DeepSpeed's "
+                f"universal conversion to merge across a tp change: resume it with parallel.tp={saved['tp']} "
+                "(any data-parallel size), or train with parallel.zero_stage 1-3 to change tp later")
+        universal = self._universal(ckpt_dir, tag, change)
         self.engine._config.load_universal_checkpoint = True  # what load_checkpoint reads; no public setter
         try:
             client_state = self._load(universal, tag)
@@ -319,26 +320,38 @@ class DeepSpeedStrategy:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
         return client_state
 
-    def _universal(self, ckpt_dir: Path, tag: str) -> Path:
+    def _universal(self, ckpt_dir: Path, tag: str, change: str) -> Path:
         """``<ckpt_dir>/<tag>.universal``, holding ``<tag>/`` in DeepSpeed's universal format; converted
-        once by rank 0 (the other ranks wait), reused by every later resume from the same checkpoint.
-        Written under ``.partial`` and renamed, so a crash mid-conversion is redone, never loaded."""
+        by rank 0 while the other ranks wait, and reused by later resumes from the same checkpoint (its
+        ``SOURCE`` is the checkpoint's manifest, so a checkpoint re-written under the same tag is
+        converted afresh). Written under ``.partial`` and renamed: a crash mid-conversion is redone,
+        never loaded. ``change``: the layout change, for the error message."""
         final = ckpt_dir / f"{tag}.universal"
-        if self.topology.is_main and not final.is_dir():
-            partial = ckpt_dir / f"{tag}.universal.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            started = time.perf_counter()
-            try:
-                _to_universal(ckpt_dir / tag, partial / tag)
-            except Exception as err:
+        error = None
+        if self.topology.is_main:
+            source = next((ckpt_dir / tag / name for name in ("manifest.json", "COMPLETE")
+                           if (ckpt_dir / tag / name).is_file()), None)
+            identity = source.read_text() if source is not None else ""
+            if not (final / "SOURCE").is_file() or (final / "SOURCE").read_text() != identity:
+                shutil.rmtree(final, ignore_errors=True)
+                partial = ckpt_dir / f"{tag}.universal.partial"
                 shutil.rmtree(partial, ignore_errors=True)
-                raise RuntimeError(
-                    f"could not convert checkpoint {ckpt_dir / tag} to DeepSpeed's universal format for a layout "
-                    f"change ({err}); resume it with the layout that wrote it") from err
-            os.rename(partial, final)
-            log.info("converted %s to a universal checkpoint in %.1f s", ckpt_dir / tag,
-                     time.perf_counter() - started)
-        self.topology.barrier()
+                started = time.perf_counter()
+                try:
+                    _to_universal(ckpt_dir / tag, partial / tag)
+                    (partial / "SOURCE").write_text(identity)
+                    os.rename(partial, final)
+                    log.info("converted %s to a universal checkpoint in %.1f s", ckpt_dir / tag,
+                             time.perf_counter() - started)
+                except Exception as err:  # reported on every rank below, not left to hang the others
+                    shutil.rmtree(partial, ignore_errors=True)
+                    error = f"{type(err).__name__}: {err}"
+        verdict = [error]
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise RuntimeError(
+                f"checkpoint {ckpt_dir / tag} {change}, and DeepSpeed could not convert it to its universal "
+                f"format to reshard it ({verdict[0]}). Resume it with the layout that wrote it.")
         return final
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -71,8 +71,9 @@ class Strategy(Protocol):
     def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
         """Write this rank's shards of model, optimizer and schedule under ``ckpt_dir / tag``."""
 
-    def load(self, ckpt_dir: Path, tag: str) -> dict:
-        """Restore from ``ckpt_dir / tag``; returns the client state."""
+    def load(self, ckpt_dir: Path, tag: str, saved: dict | None = None) -> dict:
+        """Restore from ``ckpt_dir / tag``, written in the layout ``saved`` (the checkpoint's marker:
+        world_size, dp, tp, pp; None: this run's), resharding when it differs; returns the client state."""
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Unsharded Hugging Face-named weights on rank 0, None elsewhere."""

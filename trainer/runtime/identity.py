@@ -25,10 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 IDENTITY = "identity.json"
 
-# Keys that cannot change what a stage computes (dotted prefixes). parallel.strategy and
-# parallel.precision stay in: they change the numbers or the checkpoint format.
+# Keys that cannot change what a stage computes (dotted prefixes): the layout and the micro-batch
+# split are proven to train the same losses (tests/test_sft_stage.py), and a checkpoint resumes in
+# another data-parallel size. parallel.strategy and parallel.precision stay in: they change the
+# numbers or the checkpoint format.
 VOLATILE = ("hydra", "run.name", "run.dir", "run.stop_signals", "logging", "cluster", "checkpoint",
-            "data.cache_dir", "stage.eval_every", "stage.max_bad_steps", "parallel.tp", "parallel.pp",
+            "data.cache_dir", "stage.eval_every", "stage.max_bad_steps", "stage.micro_batch_size", "parallel.tp", "parallel.pp",
             "parallel.cp", "parallel.dp", "parallel.virtual_pp", "parallel.sequence_parallel",
             "parallel.distributed_optimizer", "parallel.zero_stage", "parallel.offload_optimizer",
             "parallel.activation_checkpointing", "parallel.device", "parallel.backend",

@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import CheckpointManager, export_hf, write_text_atomic
 from trainer.checkpoint.manager import MARKER
-from trainer.data.chat import tokenize_chat
-from trainer.data.records import read_jsonl, validate_chat_record
+from trainer.data.chat import TemplateError, tokenize_chat
+from trainer.data.records import DataError, DropLog, read_jsonl_lines, validate_chat_record
 from trainer.data.preference import synthetic_preference_records, synthetic_reward_records
 from trainer.data.synthetic import generate_chat_records, write_jsonl
 from trainer.data.tokenizer import build_embedded_tokenizer, load_tokenizer
@@ -76,21 +76,42 @@ def data_files(cfg: DictConfig, topology: Topology, kind: str = "sft") -> tuple[
     return [train], [eval_]
 
 
-def tokenized_chat_dataset(paths: list[Path], tokenizer, data_cfg: DictConfig) -> tuple[list[dict], dict]:
-    """Every record of ``paths`` tokenised with its assistant mask, and counts of what was dropped."""
+def tokenized_records(paths: list[Path], validate: Callable[[dict], None], tokenize: Callable[[dict], dict | None],
+                      data_cfg: DictConfig) -> tuple[list[dict], dict]:
+    """Every valid record of ``paths`` through ``tokenize`` (None: it does not fit), and counts of what
+    was dropped. A bad record, or one the chat template refuses, names ``file:line`` and stops the run
+    or is skipped and counted (``data.on_bad_record``); the first records dropped for length are named
+    too."""
     examples: list[dict] = []
     stats = {"records": 0, "skipped_bad": 0, "dropped_length": 0}
+    drops = DropLog("length")
     for path in paths:
-        records, skipped = read_jsonl(path, validate_chat_record, data_cfg.on_bad_record)
+        rows, skipped = read_jsonl_lines(path, validate, data_cfg.on_bad_record)
         stats["skipped_bad"] += skipped
-        for record in records:
+        for lineno, record in rows:
             stats["records"] += 1
-            example = tokenize_chat(tokenizer, record["messages"], data_cfg.max_length + 1, data_cfg.truncation)
+            try:
+                example = tokenize(record)
+            except TemplateError as err:
+                if data_cfg.on_bad_record == "error":
+                    raise DataError(f"{path}:{lineno}: {err}") from None
+                log.warning("skipping bad record: %s:%d: %s", path, lineno, err)
+                stats["skipped_bad"] += 1
+                continue
             if example is None:
-                stats["dropped_length"] += 1
+                drops.add(path, lineno, f"does not fit data.max_length={data_cfg.max_length} "
+                                        f"(data.truncation={data_cfg.truncation})")
             else:
                 examples.append(example)
+    drops.log_summary()
+    stats["dropped_length"] = drops.count
     return examples, stats
+
+
+def tokenized_chat_dataset(paths: list[Path], tokenizer, data_cfg: DictConfig) -> tuple[list[dict], dict]:
+    """Every record of ``paths`` tokenised with its assistant mask, and counts of what was dropped."""
+    return tokenized_records(paths, validate_chat_record, lambda record: tokenize_chat(
+        tokenizer, record["messages"], data_cfg.max_length + 1, data_cfg.truncation), data_cfg)
 
 
 def all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
@@ -140,7 +161,9 @@ def maybe_inject_fault(step: int, stage: str | None = None, rank: int = 0) -> No
     if matches("STAGECRAFT_SIGNAL_AFTER_STEP"):
         os.kill(os.getpid(), signal.SIGTERM)
     if matches("STAGECRAFT_HANG_AFTER_STEP") and rank == 1:
-        time.sleep(3600)
+        while not signals.requested():  # hung until torchrun, seeing rank 0 fail, signals it
+            time.sleep(0.1)
+        os._exit(1)
     if matches("STAGECRAFT_FAULT_AFTER_STEP"):
         sys.stdout.flush()
         sys.stderr.flush()

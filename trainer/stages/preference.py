@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.data.packing import pack_pairs
 from trainer.data.preference import collate_pairs, tokenize_pair, validate_preference_record
-from trainer.data.records import read_jsonl
 from trainer.data.sampler import GlobalBatchPlan
 from trainer.losses import dpo_loss, ipo_loss, preference_loss, preference_metrics, rpo_loss
 from trainer.models import build_model
@@ -67,17 +66,8 @@ def micro_batch_loss(logps: torch.Tensor, batch: dict, stage: DictConfig, global
 
 
 def _load_pairs(files: list[Path], tokenizer, cfg: DictConfig) -> tuple[list[dict], dict]:
-    pairs, stats = [], {"records": 0, "skipped_bad": 0, "dropped_length": 0}
-    for path in files:
-        records, skipped = read_jsonl(path, validate_preference_record, cfg.data.on_bad_record)
-        stats["skipped_bad"] += skipped
-        for record in records:
-            stats["records"] += 1
-            pair = tokenize_pair(tokenizer, record, cfg.data.max_length + 1, cfg.data.truncation)
-            if pair is None:
-                stats["dropped_length"] += 1
-            else:
-                pairs.append(pair)
+    pairs, stats = common.tokenized_records(files, validate_preference_record, lambda record: tokenize_pair(
+        tokenizer, record, cfg.data.max_length + 1, cfg.data.truncation), cfg.data)
     if cfg.stage.loss == "rpo":
         missing = sum(p["chosen_reward"] is None for p in pairs)
         if missing:

@@ -23,7 +23,6 @@ import torch
 from omegaconf import DictConfig
 
 from trainer.data.preference import collate_reward, tokenize_reward_example, validate_reward_record
-from trainer.data.records import read_jsonl
 from trainer.data.sampler import GlobalBatchPlan
 from trainer.losses.reward import reward_regression_loss
 from trainer.models.reward import build_reward_model
@@ -39,21 +38,10 @@ def tokenized_reward_dataset(paths: list[Path], tokenizer, data_cfg: DictConfig,
 
     A bad record raises ``DataError`` naming ``file:line`` (or is skipped and counted, per
     ``data.on_bad_record``)."""
-    examples: list[dict] = []
-    stats = {"records": 0, "skipped_bad": 0, "dropped_length": 0}
-    for path in paths:
-        records, skipped = read_jsonl(path, lambda rec: validate_reward_record(rec, attributes),
-                                      data_cfg.on_bad_record)
-        stats["skipped_bad"] += skipped
-        for record in records:
-            stats["records"] += 1
-            # No shift as in SFT: the head reads position last_index itself, so max_length positions.
-            example = tokenize_reward_example(tokenizer, record, attributes, data_cfg.max_length)
-            if example is None:
-                stats["dropped_length"] += 1
-            else:
-                examples.append(example)
-    return examples, stats
+    # No shift as in SFT: the head reads position last_index itself, so max_length positions.
+    return common.tokenized_records(
+        paths, lambda rec: validate_reward_record(rec, attributes),
+        lambda record: tokenize_reward_example(tokenizer, record, attributes, data_cfg.max_length), data_cfg)
 
 
 def micro_batch_loss(scores: torch.Tensor, batch: dict, global_entries: torch.Tensor) -> torch.Tensor:
