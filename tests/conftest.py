@@ -44,7 +44,9 @@ def stagecraft_command(run_dir: Path, overrides: list[str], cache: Path, nproc: 
     """The command line and environment of `stagecraft run.dir=... <overrides>` (see run_stagecraft)."""
     # A model loaded from model.path has no model.config to shrink.
     tiny = [o for o in TINY if not ("model=hf" in overrides and o.startswith("model.config."))]
-    args = [f"run.dir={run_dir}", *tiny, *overrides]
+    # Hydra's own flags (--config-dir DIR, ...) go before the overrides, as a user types them.
+    flags = [a for i, a in enumerate(overrides) if a.startswith("--") or (i and overrides[i - 1].startswith("--"))]
+    args = [*flags, f"run.dir={run_dir}", *tiny, *[o for o in overrides if o not in flags]]
     if script is not None:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", str(script), *args, f"cluster.nproc_per_node={nproc}",

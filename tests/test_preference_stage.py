@@ -78,6 +78,21 @@ def test_megatron_pipeline_matches_deepspeed(dpo_reference, tmp_path, cache_dir,
         assert got[key] == pytest.approx(ref[key], abs=1e-5), key
 
 
+def test_killed_and_resumed_reports_the_starting_model_as_before(dpo_reference, tmp_path, cache_dir, pairs_file):
+    """A crash after the step-3 checkpoint, then the same command: the resumed stage continues the
+    trajectory, and its before_* numbers describe the model the stage started from (measured before the
+    checkpoint loads), not the checkpoint it resumed from."""
+    args = ["stage=dpo", *_data(pairs_file), *SIX, "stage.micro_batch_size=8", "checkpoint.every_steps=3"]
+    killed = run_stagecraft(tmp_path, args, cache_dir, env={"STAGECRAFT_FAULT_AFTER_STEP": "4"}, check=False)
+    assert killed.returncode != 0 and not (tmp_path / "stages/dpo/COMPLETE.json").exists()
+    run_stagecraft(tmp_path, args, cache_dir)
+    assert_series_close(_series(dpo_reference, "loss"), _series(tmp_path, "loss"))
+    ref, got = _result(dpo_reference), _result(tmp_path)
+    before = [k for k in ref if k.startswith("before_")]
+    assert before and all(got[k] == pytest.approx(ref[k], abs=1e-9) for k in before)
+    assert got["before_eval_preference_accuracy"] != got["eval_preference_accuracy"]  # training changed it
+
+
 def test_online_reference_equals_cached(dpo_reference, tmp_path, cache_dir, pairs_file):
     run_stagecraft(tmp_path, ["stage=dpo", *_data(pairs_file), *SIX, "stage.micro_batch_size=4",
                               "stage.reference_mode=online"], cache_dir)

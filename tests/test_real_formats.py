@@ -154,7 +154,8 @@ def test_all_jsonl_recipe_writes_its_mix_into_a_fresh_run_dir(tmp_path):
     recipe = OmegaConf.create({"sources": sources})
     data_dir = tmp_path / "runs" / "jsonl" / "data"  # nothing under runs/ exists yet
 
-    path, evals, proportions = stage_data("sft", (("general", 0.8), ("code", 0.2)), recipe, data_dir, seed=0)
+    files_of = lambda name: source_files(name, recipe.sources[name], data_dir)  # noqa: E731
+    path, evals, proportions = stage_data("sft", (("general", 0.8), ("code", 0.2)), files_of, data_dir, seed=0)
     assert path == data_dir / "sft_train.jsonl" and not (data_dir / "sources").exists()
     records = read_jsonl(path, lambda r: None)[0]
     assert len(records) == 20 + 5  # general whole, code at 0.2/0.8 of it

@@ -15,7 +15,8 @@ SMALL = [
     "recipe=demo", "recipe.sources.code.n_train=512", "recipe.sources.code.n_eval=32",
     "recipe.sources.general.n_train=256", "recipe.sources.general.n_eval=32",
     "recipe.sources.pairs.n_train=128", "recipe.sources.pairs.n_eval=64",
-    "recipe.stages.0.overrides.epochs=6", "recipe.stages.1.overrides.epochs=1",
+    "recipe.sources.ratings.n_train=256", "recipe.sources.ratings.n_eval=32",
+    "recipe.stages.0.overrides.epochs=6", "recipe.stages.1.overrides.epochs=1", "recipe.stages.2.overrides.epochs=2",
     "recipe.eval.max_new_tokens=12",
 ]
 
@@ -40,14 +41,20 @@ def demo(tmp_path_factory, cache_dir):
 
 def test_demo_runs_every_stage_and_reports(demo):
     summary = json.loads((demo / "summary.json").read_text())
-    assert [s["name"] for s in summary["stages"]] == ["code_sft", "general_sft", "dpo", "rpo_1", "rpo_2", "rpo_3"]
-    assert [s["init"] for s in summary["stages"]][1:] == ["code_sft", "general_sft", "dpo", "rpo_1", "rpo_2"]
+    assert [s["name"] for s in summary["stages"]] == ["code_sft", "general_sft", "rm", "dpo", "rpo_1_annotate",
+                                                      "rpo_1", "rpo_2_annotate", "rpo_2", "rpo_3_annotate", "rpo_3"]
+    policies = [s for s in summary["stages"] if s["produces"] == "policy"]
+    assert [s["init"] for s in policies][1:] == ["code_sft", "general_sft", "dpo", "rpo_1", "rpo_2"]
     assert summary["stages"][1]["data_mix"]["code"] == pytest.approx(0.02, abs=0.005)  # replay share
     report = (demo / "report.md").read_text()
     assert "| code_sft | sft |" in report and "## Claims" in report
     assert (demo / "loss_curves.png").stat().st_size > 1000 and (demo / "accuracy.png").stat().st_size > 1000
-    for stage in summary["stages"]:  # every stage exported a loadable model
-        assert (demo / "stages" / stage["name"] / "hf" / "config.json").is_file()
+    for stage in summary["stages"]:  # every model-producing stage exported a loadable model
+        exported = (demo / "stages" / stage["name"] / "hf" / "config.json").is_file()
+        assert exported == (stage["produces"] in ("policy", "reward_model")), stage["name"]
+    for k in (1, 2, 3):  # each RPO iteration trained on the pairs its annotate stage scored
+        scored = summary["stages"][2 + 2 * k]["result"]
+        assert scored["scored"] == 128 and scored["chosen_above_rejected"] > 0.5
 
 
 def test_demo_shows_the_recipes_effects(demo):

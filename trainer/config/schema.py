@@ -183,10 +183,6 @@ class BenchmarkStageConfig(StageConfig):
     peak_tflops: float = 989.0
 
 
-STAGE_SCHEMAS = {"sft": StageConfig, "preference": PreferenceStageConfig, "reward": RewardStageConfig,
-                 "annotate": AnnotateStageConfig, "benchmark": BenchmarkStageConfig}
-
-
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end of the stage
@@ -200,15 +196,41 @@ class CheckpointConfig:
 
 @dataclass
 class ClusterConfig:
-    # > 1 makes the `stagecraft` command start torchrun itself with this many workers.
+    """Where the workers run (docs/launch.md). ``launcher``: ``local`` runs on this machine (torchrun
+    when the world is > 1; with ``nnodes`` > 1, start the same command on every node with its own
+    ``node_rank``); ``slurm`` writes ``<run.dir>/slurm/job.sbatch`` and submits it; ``srun`` is what
+    that job runs on each node: nnodes, node_rank and master_addr come from SLURM_NNODES,
+    SLURM_NODEID and the first host of SLURM_JOB_NODELIST."""
+
+    launcher: str = "local"  # local | slurm | srun
+    # Workers per node; > 1 makes the `stagecraft` command start torchrun itself. Under slurm also the
+    # GPUs requested per node (none with parallel.device=cpu).
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    # 0: a free port picked at launch (several jobs on one machine); set it for multi-node runs.
+    # 0: a free port picked at launch (several jobs on one machine); a multi-node run needs a fixed
+    # one (under slurm, 0 means 20000 + SLURM_JOB_ID % 10000, the same on every node of the job).
     master_port: int = 0
     # Seconds torchrun gives its workers to checkpoint and exit after it forwards a stop signal.
     shutdown_timeout: int = 300
+    # launcher=slurm: sbatch options. null: not passed (the cluster's default).
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "04:00:00"
+    cpus_per_task: Optional[int] = None
+    job_name: Optional[str] = None  # null: run.name
+    output: Optional[str] = None  # null: <run.dir>/slurm/%j.out (a sweep: <sweep dir>/slurm/%A_%a.out)
+    # `--signal`: sent to every task this long before the time limit; must be one of run.stop_signals
+    # so the run checkpoints and exits 75, and the job requeues itself.
+    signal: str = "USR1@300"
+    requeue: bool = True
+    sbatch_lines: List[str] = field(default_factory=list)  # extra options, e.g. ["--qos=high", "--exclusive"]
+    setup: List[str] = field(default_factory=list)  # shell lines before srun: module load, source venv
+    srun_args: List[str] = field(default_factory=list)  # e.g. ["--container-image=..."] (pyxis)
+    # How each node runs stagecraft inside the job; null: this Python, `<sys.executable> -m trainer.cli`.
+    command: Optional[str] = None
+    dry_run: bool = False  # print the sbatch script instead of submitting it
 
 
 @dataclass
@@ -248,11 +270,14 @@ class RecipeStageConfig:
     # Weighted data sources; the largest weight's source is used whole, the others are sampled to
     # their share of it (e.g. 0.98 general + 0.02 code: 2 % code replay).
     data: List[MixConfig] = field(default_factory=list)
-    # Where the policy starts: `previous` (the last stage's export), `base` (the recipe's model), a
+    # Where the policy starts: `previous` (the newest policy before it), `base` (the recipe's model), a
     # stage name, or a path. Iteration k of a repeated stage starts from iteration k-1.
     init: str = "previous"
     # Preference stages: the reference model, same choices as `init`.
     reference: str = "previous"
+    # A reward stage (or a reward-model path). Annotate stages score with it; a preference stage with
+    # it scores its own training pairs first (an `<name>_annotate` stage is planned before it).
+    reward_model: Optional[str] = None
     repeat: int = 1
 
 
@@ -273,7 +298,8 @@ class ClaimConfig:
     description: str = "???"
     metric: str = "???"  # an eval metric, e.g. code/accuracy
     stage: str = "???"  # measured after this stage ...
-    baseline: str = "base"  # ... against this one (base: the starting model)
+    baseline: str = "base"  # ... against this one (base: the starting model) ...
+    threshold: Optional[float] = None  # ... or, when set, against this constant (e.g. 0.5: chance)
     expect: str = "higher"  # higher | close
     tolerance: float = 0.05  # close: |stage - baseline| <= tolerance
 
@@ -312,6 +338,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="stagecraft_schema", node=Config)
     # A stage YAML names its type's schema first in its defaults (e.g. `- preference_schema`).
-    for name, node in STAGE_SCHEMAS.items():
+    from trainer.stages.registry import STAGE_TYPES
+
+    for name, kind in STAGE_TYPES.items():
         if name != "sft":
-            cs.store(group="stage", name=f"{name}_schema", node=node)
+            cs.store(group="stage", name=f"{name}_schema", node=kind.schema)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from trainer.config.schema import STAGE_SCHEMAS, Config
+from trainer.config.schema import Config
 from trainer.runtime.signals import signal_numbers
 
 
@@ -16,13 +16,13 @@ class ConfigError(ValueError):
     """A config value is invalid; the message starts with the dotted key."""
 
 
-def _choice(cfg: DictConfig, key: str, allowed: tuple) -> None:
+def choice(cfg: DictConfig, key: str, allowed: tuple) -> None:
     value = _get(cfg, key)
     if value not in allowed:
         raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
-def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
+def positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
     value = _get(cfg, key)
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
@@ -38,27 +38,29 @@ def _get(cfg: DictConfig, key: str):
 
 def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     """Check cross-field rules; ``world_size`` adds the parallel-layout checks once it is known."""
-    _choice(cfg, "stage.type", tuple(STAGE_SCHEMAS))
+    from trainer.stages.registry import stage_type
+
+    kind = stage_type(cfg.stage.type)
     try:
         # Hydra's `+key=value` opens the struct flag; re-merging onto the schema (with the stage
         # type's own schema) catches such extras.
         plain = OmegaConf.to_container(cfg, resolve=False)
         stage = plain.pop("stage")
         OmegaConf.merge(OmegaConf.structured(Config), plain)
-        OmegaConf.merge({"stage": OmegaConf.structured(STAGE_SCHEMAS[cfg.stage.type])}, {"stage": stage})
+        OmegaConf.merge({"stage": OmegaConf.structured(kind.schema)}, {"stage": stage})
     except ConfigKeyError as err:
         raise ConfigError(f"{err.full_key}: not a config key of stagecraft (see trainer/config/schema.py)") from None
-    _choice(cfg, "parallel.strategy", ("deepspeed", "megatron"))
-    _choice(cfg, "parallel.zero_stage", (0, 1, 2, 3))
-    _choice(cfg, "parallel.precision", ("fp32", "bf16"))
-    _choice(cfg, "parallel.device", ("auto", "cpu", "cuda"))
-    _choice(cfg, "parallel.backend", ("auto", "gloo", "nccl"))
-    _choice(cfg, "stage.loss_reduction", ("token", "sample"))
-    _choice(cfg, "stage.optim.schedule", ("cosine", "constant"))
-    _choice(cfg, "data.truncation", ("right", "left", "drop"))
-    _choice(cfg, "data.on_bad_record", ("error", "skip"))
-    _choice(cfg, "logging.wandb_mode", ("offline", "online", "disabled"))
-    _choice(cfg, "checkpoint.on_change", ("refuse", "restart", "resume"))
+    choice(cfg, "parallel.strategy", ("deepspeed", "megatron"))
+    choice(cfg, "parallel.zero_stage", (0, 1, 2, 3))
+    choice(cfg, "parallel.precision", ("fp32", "bf16"))
+    choice(cfg, "parallel.device", ("auto", "cpu", "cuda"))
+    choice(cfg, "parallel.backend", ("auto", "gloo", "nccl"))
+    choice(cfg, "stage.loss_reduction", ("token", "sample"))
+    choice(cfg, "stage.optim.schedule", ("cosine", "constant"))
+    choice(cfg, "data.truncation", ("right", "left", "drop"))
+    choice(cfg, "data.on_bad_record", ("error", "skip"))
+    choice(cfg, "logging.wandb_mode", ("offline", "online", "disabled"))
+    choice(cfg, "checkpoint.on_change", ("refuse", "restart", "resume"))
     try:
         signal_numbers(cfg.run.stop_signals)
     except ValueError as err:
@@ -68,12 +70,13 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     for key in ("parallel.tp", "parallel.pp", "parallel.cp", "parallel.virtual_pp", "stage.epochs", "stage.global_batch_size",
                 "stage.micro_batch_size", "data.max_length", "cluster.nproc_per_node", "cluster.nnodes",
                 "logging.log_every"):
-        _positive(cfg, key)
+        positive(cfg, key)
     for key in ("stage.optim.lr", "stage.optim.grad_clip", "stage.optim.warmup_steps", "stage.neftune_alpha",
                 "stage.eval_every", "stage.eval_max_new_tokens", "checkpoint.every_steps", "checkpoint.keep_last",
                 "stage.max_bad_steps", "cluster.master_port", "cluster.shutdown_timeout"):
-        _positive(cfg, key, allow_zero=True)
-    _validate_stage(cfg)
+        positive(cfg, key, allow_zero=True)
+    if kind.check is not None:
+        kind.check(cfg)
     if cfg.checkpoint.keep_last == 0:
         raise ConfigError("checkpoint.keep_last: must be >= 1 (the latest checkpoint is always kept)")
     if not 0.0 <= cfg.stage.optim.min_lr_ratio <= 1.0:
@@ -110,33 +113,10 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
                           "tokenizer, whose vocabulary sets its embedding size")
     if world_size is not None:
         validate_layout(cfg, world_size)
+    if cfg.get("recipe") is not None:  # every stage of a recipe, before the first one starts
+        from trainer.recipe.plan import check_recipe
 
-
-def _validate_stage(cfg: DictConfig) -> None:
-    kind = cfg.stage.type
-    if kind == "preference":
-        _choice(cfg, "stage.loss", ("dpo", "ipo", "rpo"))
-        _choice(cfg, "stage.rpo_distance", ("bwd_kl", "fwd_kl", "sq"))
-        _choice(cfg, "stage.reference_mode", ("cached", "online"))
-        for key in ("stage.beta", "stage.eta"):
-            _positive(cfg, key)
-        for key in ("stage.preference_weight", "stage.sft_weight"):
-            _positive(cfg, key, allow_zero=True)
-    if kind == "reward":
-        if len(cfg.stage.attributes) == 0:
-            raise ConfigError("stage.attributes: name at least one attribute")
-        if len(cfg.stage.attribute_weights) != len(cfg.stage.attributes):
-            raise ConfigError(f"stage.attribute_weights: {len(cfg.stage.attribute_weights)} weights for "
-                              f"{len(cfg.stage.attributes)} stage.attributes")
-    if kind == "annotate" and cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp > 1:
-        raise ConfigError("parallel.tp: annotate runs a whole reward-model replica per rank; use tp=pp=cp=1")
-    if kind == "benchmark":
-        for key in ("stage.seq_length", "stage.vocab_size", "stage.timed_steps", "stage.peak_tflops"):
-            _positive(cfg, key)
-        _positive(cfg, "stage.untimed_steps", allow_zero=True)
-    if kind == "annotate" and not cfg.stage.reward_model:
-        raise ConfigError("stage.reward_model: the annotate step needs a reward model directory "
-                          "(a reward stage's hf/ export)")
+        check_recipe(cfg, world_size)
 
 
 def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
@@ -155,7 +135,9 @@ def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
 
 def validate_layout(cfg: DictConfig, world_size: int) -> None:
     dp = data_parallel_size(cfg, world_size)
-    if cfg.stage.type == "annotate":  # no optimizer steps, so no global batch to tile
+    from trainer.stages.registry import stage_type
+
+    if not stage_type(cfg.stage.type).optimizer_steps:  # no global batch to tile
         return
     s = cfg.stage
     per_step = s.micro_batch_size * dp

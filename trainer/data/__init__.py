@@ -1,6 +1,7 @@
 """Data: JSONL formats, synthetic demo tasks, tokenizers, chat templating with loss masks, collation."""
 
 from trainer.data.curation import length_score
+from trainer.data.length import produced_length, required_length
 from trainer.data.chat import TemplateError, collate, tokenize_chat, tokenize_prompt
 from trainer.data.records import DataError, read_jsonl, validate_chat_record, validate_messages
 from trainer.data.synthetic import (
@@ -52,6 +53,8 @@ __all__ = [
     "corpus_text",
     "generate_chat_records",
     "length_score",
+    "produced_length",
+    "required_length",
     "load_tokenizer",
     "make_sample",
     "read_jsonl",

@@ -15,7 +15,8 @@ def check_claims(summary: dict, claims: list[dict]) -> list[dict]:
     checked = []
     for claim in claims:
         value = evals.get(claim["stage"], {}).get(claim["metric"])
-        baseline = evals.get(claim["baseline"], {}).get(claim["metric"])
+        threshold = claim.get("threshold")
+        baseline = threshold if threshold is not None else evals.get(claim["baseline"], {}).get(claim["metric"])
         if value is None or baseline is None:
             holds = False
         elif claim["expect"] == "higher":
@@ -50,8 +51,9 @@ def _plots(run_dir: Path, summary: dict) -> list[str]:
 
     written = []
     stages = summary["stages"]
-    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 2.8), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
+    trained = [s for s in stages if (run_dir / "stages" / s["name"] / "metrics.jsonl").is_file()]
+    fig, axes = plt.subplots(1, len(trained), figsize=(3.2 * len(trained), 2.8), squeeze=False)
+    for ax, stage in zip(axes[0], trained):
         records = [r for r in read_metrics(run_dir / "stages" / stage["name"] / "metrics.jsonl") if "loss" in r]
         ax.plot([r["step"] for r in records], [r["loss"] for r in records])
         ax.set_title(stage["name"], fontsize=9)
@@ -93,8 +95,10 @@ def write_report(run_dir: Path, summary: dict, claims: list[dict]) -> dict:
     for c in summary["claims"]:
         verdict = "holds" if c["holds"] else "DOES NOT HOLD"
         relation = "vs" if c["expect"] == "higher" else f"within {c['tolerance']} of"
+        against = (f"chance level {_fmt(c['threshold'])}" if c.get("threshold") is not None
+                   else f"{c['baseline']} = {_fmt(c['baseline_value'])}")
         lines.append(f"- {c['description']}: {c['metric']} after {c['stage']} = {_fmt(c['value'])} {relation} "
-                     f"{c['baseline']} = {_fmt(c['baseline_value'])} — **{verdict}**")
+                     f"{against} — **{verdict}**")
     lines += ["", "## Data mixes", ""]
     lines += [f"- {s['name']}: " + ", ".join(f"{k} {v:.1%}" for k, v in s["data_mix"].items()) for s in summary["stages"]]
     lines += [""] + [f"![{p}]({p})" for p in plots]

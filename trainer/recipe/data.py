@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig
 
@@ -60,15 +61,18 @@ def mix(parts: list[tuple[str, float, list[dict]]], seed: int) -> tuple[list[dic
     return [r for _, r in chosen], {name: c / len(chosen) for name, c in counts.items()}
 
 
-def stage_data(stage_name: str, mix_spec: tuple[tuple[str, float], ...], recipe: DictConfig, data_dir: Path,
+def stage_data(stage_name: str, mix_spec: tuple[tuple[str, float], ...],
+               files: Callable[[str], tuple[list[Path], list[Path]]], data_dir: Path,
                seed: int) -> tuple[Path, list[Path], dict[str, float]]:
     """Write the stage's mixed train file; return it, the eval files of its sources, the proportions.
+    ``files(source)`` gives a source's (train, eval) files: a recipe source's, or an earlier stage's
+    dataset.
 
     ``data_dir`` is created here: only synthetic sources create it on their way (``source_files``),
     and a recipe whose sources are all JSONL files must not depend on that."""
     parts, evals = [], []
     for name, weight in mix_spec:
-        train, eval_ = source_files(name, recipe.sources[name], data_dir)
+        train, eval_ = files(name)
         parts.append((name, weight, _records(train)))
         evals += eval_
     records, proportions = mix(parts, seed)

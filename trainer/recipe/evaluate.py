@@ -2,7 +2,7 @@
 
 Each recipe eval source is measured on its held-out split: greedy-generation accuracy per task family
 for chat sources, chosen-vs-rejected ranking accuracy for preference sources, and mean response
-length. The exported HF model runs in plain torch on every rank, prompts sharded over data-parallel
+length; a reward model's export is measured on how it ranks the preference sources' held-out pairs. The exported HF model runs in plain torch on every rank, prompts sharded over data-parallel
 ranks (fine for the models a recipe's per-stage eval is meant for; large runs set recipe.eval.enabled=false
 and rely on the stages' own sharded evals).
 """
@@ -20,6 +20,9 @@ from trainer.data.records import read_jsonl
 from trainer.data.tokenizer import load_tokenizer
 from trainer.losses import token_logps
 from trainer.parallel.topology import Topology
+from trainer.models.reward import load_reward_model
+from trainer.stages.annotate import score_pairs
+from trainer.stages.common import all_reduce_sum, sharded_batches
 from trainer.stages.evaluation import generation_accuracy
 from trainer.stages.reference import pair_logps_table, ranking_metrics
 
@@ -67,4 +70,29 @@ def evaluate_model(hf_dir: Path, sources: dict[str, tuple[str, list[Path]]], eva
             table, _ = pair_logps_table(runner, pairs, tokenizer.pad_token_id, eval_cfg.batch_size, topology)
             found = {k.removeprefix("eval_"): v for k, v in ranking_metrics(table).items()}
         metrics.update({f"{name}/{k}": v for k, v in found.items()})
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_reward_model(hf_dir: Path, sources: dict[str, tuple[str, list[Path]]], eval_cfg: DictConfig,
+                          max_length: int, topology: Topology) -> dict[str, float]:
+    """A reward model's ``<source>/rm_accuracy`` on every preference source's held-out pairs: how often
+    its scalar reward (the weighted attribute sum it was saved with) puts the chosen response above the
+    rejected one. 0.5 is chance. Pairs a side of which does not fit ``max_length`` are left out. A
+    collective."""
+    model = load_reward_model(str(hf_dir)).to(topology.device).eval()
+    tokenizer = load_tokenizer(str(hf_dir))
+    metrics: dict[str, float] = {}
+    for name, (kind, files) in sources.items():
+        if kind != "preference":
+            continue
+        records = [r for path in files for r in read_jsonl(path, lambda r: None)[0]]
+        counts = torch.zeros(2, dtype=torch.float64)  # [chosen above rejected, scored pairs]
+        for ids, chunk in sharded_batches(records, eval_cfg.batch_size, topology):
+            scored = [s for s in score_pairs(model, tokenizer, chunk, max_length, topology.device)[:len(ids)]
+                      if s is not None]
+            counts += torch.tensor([sum(c > r for c, r in scored), len(scored)], dtype=torch.float64)
+        counts = all_reduce_sum(counts, topology.dp_group)
+        if counts[1] > 0:
+            metrics[f"{name}/rm_accuracy"] = (counts[0] / counts[1]).item()
     return metrics

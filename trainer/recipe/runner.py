@@ -1,4 +1,5 @@
-"""Run a recipe: its stages in order, each starting from (and referencing) earlier stages' exports.
+"""Run a recipe: its stages in order, each consuming the artifacts earlier stages produced (models to
+start from, reference or score with; datasets to train on: trainer/recipe/plan.py).
 
 Resumable at two levels: a stage with a COMPLETE.json is skipped (its export and eval are reused), and
 an unfinished stage resumes from its latest checkpoint (the stage loops' own checkpoint.resume=auto).
@@ -20,9 +21,11 @@ from trainer.logging.metrics import dumps
 from trainer.models import build_model
 from trainer.parallel.topology import Topology
 from trainer.recipe.data import source_files, stage_data
-from trainer.recipe.evaluate import evaluate_model
-from trainer.recipe.plan import PlannedStage, plan
+from trainer.recipe.evaluate import evaluate_model, evaluate_reward_model
+from trainer.recipe.plan import PlannedStage, plan, stage_config
 from trainer.stages import common, get_stage
+from trainer.stages.annotate import ANNOTATE_METRICS
+from trainer.stages.registry import DATASET, POLICY, REWARD_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -44,35 +47,28 @@ def _base_model(cfg: DictConfig, topology: Topology) -> Path:
     return out
 
 
-def _stage_cfg(cfg: DictConfig, st: PlannedStage, exports: dict[str, Path], train: Path, evals: list[Path]
-               ) -> DictConfig:
-    """The root config as the stage loop expects it: this stage's config, model and data."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("recipe")
-    stage_cfg = OmegaConf.create(plain)
-    stage_cfg.stage = st.config
-    path = lambda choice: str(exports.get(choice, choice))  # noqa: E731  (a stage name, base, or a path)
-    stage_cfg.model.path = path(st.init)
-    stage_cfg.model.tokenizer = None
-    if st.reference is not None:
-        stage_cfg.stage.reference = path(st.reference)
-    stage_cfg.data.train = [str(train)]
-    stage_cfg.data.eval = [str(p) for p in evals]
-    return stage_cfg
-
-
-def _evaluate(cfg: DictConfig, name: str, hf_dir: Path, topology: Topology) -> dict:
-    """Eval of one stage's export, cached in its directory (a rerun does not repeat it)."""
+def _evaluate(cfg: DictConfig, st: PlannedStage | None, hf_dir: Path | None, result: dict,
+              topology: Topology) -> dict:
+    """Held-out numbers of one stage's artifact, cached in its directory (a rerun does not repeat it):
+    a policy's generation and ranking accuracy, a reward model's ranking of held-out pairs, an annotate
+    stage's counts."""
     recipe = cfg.recipe
-    if not recipe.eval.enabled:
+    produces = POLICY if st is None else st.produces
+    if produces == DATASET:
+        return {f"rewards/{k}": v for k, v in result.items() if k in ANNOTATE_METRICS}
+    if not recipe.eval.enabled or produces not in (POLICY, REWARD_MODEL):
         return {}
+    name = "base" if st is None else st.name
     path = Path(cfg.run.dir) / "stages" / name / "eval.json"
     if path.is_file():
         return json.loads(path.read_text())
     data_dir = Path(cfg.run.dir) / "data"
     sources = {s: (recipe.sources[s].kind, source_files(s, recipe.sources[s], data_dir)[1])
                for s in recipe.eval.sources}
-    metrics = evaluate_model(hf_dir, sources, recipe.eval, cfg.data.max_length, topology)
+    if produces == POLICY:
+        metrics = evaluate_model(hf_dir, sources, recipe.eval, cfg.data.max_length, topology)
+    else:
+        metrics = evaluate_reward_model(hf_dir, sources, recipe.eval, cfg.data.max_length, topology)
     if topology.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, dumps(metrics, indent=2))
@@ -85,33 +81,43 @@ def run_recipe(cfg: DictConfig, topology: Topology) -> dict:
     stages = plan(recipe)
     run_dir = Path(cfg.run.dir)
     data_dir = run_dir / "data"
-    # Rank 0 writes every source and every stage's mix up front (deterministic: a rerun rewrites the
-    # same bytes); the other ranks wait and read.
-    mixes = {}
-    if topology.is_main:
+    if topology.is_main:  # the synthetic sources are written once, by rank 0, before anyone reads them
         common.save_config(cfg, run_dir)
-        for st in stages:
-            mixes[st.name] = stage_data(st.name, st.data, recipe, data_dir, cfg.run.seed + st.iteration)
+        for name, source in recipe.sources.items():
+            source_files(name, source, data_dir)
     topology.barrier()
-    for st in stages:
-        mixes[st.name] = (data_dir / f"{st.name}_train.jsonl",
-                          [p for s, _ in st.data for p in source_files(s, recipe.sources[s], data_dir)[1]],
-                          json.loads((data_dir / f"{st.name}_mix.json").read_text()))
-
+    # Artifacts by stage name: model directories (policies, reward models) and datasets (train and
+    # eval files; an annotate stage's eval files are those of the pairs it scored).
     exports: dict[str, Path] = {"base": _base_model(cfg, topology)}
-    evals = {"base": _evaluate(cfg, "base", exports["base"], topology)}
-    results = {}
+    datasets: dict[str, tuple[list[Path], list[Path]]] = {}
+
+    def files(source: str) -> tuple[list[Path], list[Path]]:
+        return datasets[source] if source in datasets else source_files(source, recipe.sources[source], data_dir)
+
+    evals = {"base": _evaluate(cfg, None, exports["base"], {}, topology)}
+    results, mixes = {}, {}
     for st in stages:
-        train, eval_files, proportions = mixes[st.name]
-        log.info("stage %s (%s): data mix %s", st.name, st.type, proportions)
-        results[st.name] = get_stage(st.type)(_stage_cfg(cfg, st, exports, train, eval_files), topology)
-        exports[st.name] = Path(results[st.name]["hf"])
-        evals[st.name] = _evaluate(cfg, st.name, exports[st.name], topology)
+        # Rank 0 writes the stage's mix (deterministic: a rerun rewrites the same bytes) once the
+        # artifacts it draws on exist; the other ranks wait and read.
+        if topology.is_main:
+            stage_data(st.name, st.data, files, data_dir, cfg.run.seed + st.iteration)
+        topology.barrier()
+        train = data_dir / f"{st.name}_train.jsonl"
+        eval_files = [p for s, _ in st.data for p in files(s)[1]]
+        mixes[st.name] = json.loads((data_dir / f"{st.name}_mix.json").read_text())
+        log.info("stage %s (%s): data mix %s", st.name, st.type, mixes[st.name])
+        results[st.name] = get_stage(st.type)(stage_config(cfg, st, exports, train, eval_files), topology)
+        if st.produces == DATASET:
+            datasets[st.name] = ([Path(results[st.name]["output"])], eval_files)
+        elif "hf" in results[st.name]:
+            exports[st.name] = Path(results[st.name]["hf"])
+        evals[st.name] = _evaluate(cfg, st, exports.get(st.name), results[st.name], topology)
     summary = {
         "recipe": recipe.name,
         "base": {"model": str(exports["base"]), "eval": evals["base"]},
-        "stages": [{"name": st.name, "type": st.type, "init": st.init, "reference": st.reference,
-                    "data_mix": mixes[st.name][2], "result": results[st.name], "eval": evals[st.name]}
+        "stages": [{"name": st.name, "type": st.type, "produces": st.produces, "init": st.init,
+                    "reference": st.reference, "reward_model": st.reward_model, "data_mix": mixes[st.name],
+                    "result": results[st.name], "eval": evals[st.name]}
                    for st in stages],
     }
     if topology.is_main:

@@ -38,6 +38,10 @@ from trainer.stages import common
 
 log = logging.getLogger(__name__)
 REWARDS = ("chosen_reward", "rejected_reward")
+# Result fields a recipe reports as the stage's numbers: the share of scored pairs whose chosen
+# response the reward model puts above the rejected one, and how often its ordering agrees with the
+# rewards the pairs arrived with (where they had distinct ones, e.g. a verifier's).
+ANNOTATE_METRICS = ("chosen_above_rejected", "agreement_with_input", "scored")
 
 
 def read_part(path: Path) -> dict[int, dict]:
@@ -111,12 +115,19 @@ def merge(records: list[dict], keep: list[bool], parts_dir: Path, output: Path) 
     for part in sorted(parts_dir.glob("rank*-of-*.jsonl")):
         scored.update(read_part(part))
     counts = {"scored": 0, "too_long": 0}
+    above = compared = agreed = 0
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for index, record in enumerate(records):
             part = None if keep[index] else scored.get(index)
             if part is not None and part["chosen_reward"] is not None:
+                gap = part["chosen_reward"] - part["rejected_reward"]
+                above += gap > 0
+                given = [record.get(key) for key in REWARDS]
+                if None not in given and given[0] != given[1]:
+                    compared += 1
+                    agreed += (gap > 0) == (given[0] > given[1])
                 record = {**record, **{key: part[key] for key in REWARDS}}
                 counts["scored"] += 1
             elif part is not None:
@@ -125,6 +136,10 @@ def merge(records: list[dict], keep: list[bool], parts_dir: Path, output: Path) 
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, output)
+    if counts["scored"]:
+        counts["chosen_above_rejected"] = above / counts["scored"]
+    if compared:
+        counts["agreement_with_input"] = agreed / compared
     return counts
 
 

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -111,6 +111,19 @@ def tokenized_chat_dataset(paths: list[Path], tokenizer, data_cfg: DictConfig) -
     """Every record of ``paths`` tokenised with its assistant mask, and counts of what was dropped."""
     return tokenized_records(paths, validate_chat_record, lambda record: tokenize_chat(
         tokenizer, record["messages"], data_cfg.max_length + 1, data_cfg.truncation), data_cfg)
+
+
+def sharded_batches(items: list, batch_size: int, topology: Topology) -> Iterator[tuple[list[int], list]]:
+    """This data-parallel rank's share of ``items`` (indices ``dp_rank::dp``) in batches of
+    ``batch_size``: ``(indices, batch)`` pairs, the same number on every rank. A rank that has run out
+    gets ``([], items[:1])``: it forwards that stand-in and discards the result, so collectives inside
+    the forward (ZeRO-3 parameter gathers, tensor-parallel reductions) stay in step on every rank.
+    Every sharded eval, reference and scoring pass iterates through this."""
+    mine = list(range(topology.dp_rank, len(items), topology.dp))
+    calls = math.ceil(math.ceil(len(items) / topology.dp) / batch_size)
+    for c in range(calls):
+        ids = mine[c * batch_size:(c + 1) * batch_size]
+        yield ids, [items[i] for i in ids] if ids else items[:1]
 
 
 def all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:

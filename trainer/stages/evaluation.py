@@ -8,14 +8,12 @@ not depend on the layout.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from trainer.data.chat import tokenize_prompt
 from trainer.data.synthetic import TASK_FAMILIES, verify
 from trainer.parallel.topology import Topology
-from trainer.stages.common import all_reduce_sum
+from trainer.stages.common import all_reduce_sum, sharded_batches
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,21 +63,15 @@ def generation_accuracy(strategy, records: list[dict], tokenizer, topology: Topo
     """``accuracy`` overall and ``accuracy/<family>``, plus mean generated tokens, over ``records``
     (chat records whose last message is the reference assistant answer). A collective."""
     families = sorted({r.get("family") or "other" for r in records})
-    mine = records[topology.dp_rank::topology.dp]
-    # Every rank runs the same number of generate calls (ZeRO-3 and TP gather inside forward).
-    calls = math.ceil(math.ceil(len(records) / topology.dp) / batch_size)
     correct = torch.zeros(len(families), dtype=torch.float64)
     total = torch.zeros(len(families), dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
     stops, pad = stop_token_ids(tokenizer, strategy.module), tokenizer.pad_token_id
     strategy.eval()
-    for c in range(calls):
-        chunk = mine[c * batch_size:(c + 1) * batch_size]
-        real = len(chunk)
-        chunk = chunk or records[:1]  # a dummy call keeps this rank in step; its result is discarded
-        ids, mask = _left_pad([tokenize_prompt(tokenizer, r["messages"][:-1]) for r in chunk], pad)
-        out = strategy.generate(ids.to(topology.device), mask.to(topology.device), max_new_tokens, stops, pad)
-        for record, row in zip(chunk[:real], out[:, ids.shape[1]:].cpu().tolist()):
+    for ids, chunk in sharded_batches(records, batch_size, topology):
+        prompt_ids, mask = _left_pad([tokenize_prompt(tokenizer, r["messages"][:-1]) for r in chunk], pad)
+        out = strategy.generate(prompt_ids.to(topology.device), mask.to(topology.device), max_new_tokens, stops, pad)
+        for record, row in zip(chunk[:len(ids)], out[:, prompt_ids.shape[1]:].cpu().tolist()):
             row = cut_at_stop(row, stops)
             response = tokenizer.decode(row, skip_special_tokens=True)
             k = families.index(record.get("family") or "other")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -24,12 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.data.packing import pack_pairs
 from trainer.data.preference import collate_pairs, tokenize_pair, validate_preference_record
-from trainer.data.sampler import GlobalBatchPlan
 from trainer.losses import dpo_loss, ipo_loss, preference_loss, preference_metrics, rpo_loss
 from trainer.models import build_model
 from trainer.parallel.strategy import build_strategy
 from trainer.parallel.topology import Topology
-from trainer.stages import common, reference
+from trainer.data.records import DataError
+from trainer.stages import common, loop, reference
+from trainer.stages.loop import Job
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,17 @@ def micro_batch_loss(logps: torch.Tensor, batch: dict, stage: DictConfig, global
     return share
 
 
-def _load_pairs(files: list[Path], tokenizer, cfg: DictConfig) -> tuple[list[dict], dict]:
+def _load_pairs(files: list[Path], tokenizer, cfg: DictConfig, train: bool) -> tuple[list[dict], dict]:
+    """Tokenised pairs of ``files``. RPO's training pairs must all carry rewards; its eval pairs need
+    none (held-out evaluation ranks responses, it does not use rewards)."""
     pairs, stats = common.tokenized_records(files, validate_preference_record, lambda record: tokenize_pair(
         tokenizer, record, cfg.data.max_length + 1, cfg.data.truncation), cfg.data)
-    if cfg.stage.loss == "rpo":
+    if train and cfg.stage.loss == "rpo":
         missing = sum(p["chosen_reward"] is None for p in pairs)
         if missing:
-            raise ValueError(f"stage.loss=rpo needs chosen_reward / rejected_reward on every pair; {missing} of "
-                             f"{len(pairs)} pairs in {', '.join(map(str, files))} have none (run stage=annotate)")
+            raise DataError(f"stage.loss=rpo needs chosen_reward / rejected_reward on every training pair; "
+                            f"{missing} of {len(pairs)} pairs in {', '.join(map(str, files))} have none (score "
+                            "them with stage=annotate, or in a recipe give the RPO stage reward_model: <reward stage>)")
     return pairs, stats
 
 
@@ -139,76 +142,56 @@ def evaluate(strategy, pairs: list[dict], ref_table: torch.Tensor | None, pad_id
     return reference.ranking_metrics(table, ref_table)
 
 
-def run(cfg: DictConfig, topology: Topology) -> dict:
+def setup(cfg: DictConfig, topology: Topology, tokenizer) -> Job:
     stage = cfg.stage
-    out, finished = common.start(cfg, topology)
-    if finished is not None:
-        return finished
-
-    # ---- setup -----------------------------------------------------------------------------------
-    tokenizer = common.build_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id
     train_files, eval_files = common.data_files(cfg, topology, "preference")
-    train, train_stats = _load_pairs(train_files, tokenizer, cfg)
-    evals, _ = _load_pairs(eval_files, tokenizer, cfg) if eval_files else ([], {})
+    train, train_stats = _load_pairs(train_files, tokenizer, cfg, train=True)
+    evals, _ = _load_pairs(eval_files, tokenizer, cfg, train=False) if eval_files else ([], {})
     splits = {"train": (train, train_files), **({"eval": (evals, eval_files)} if evals else {})}
     online = stage.reference_mode == "online"
-    ref_forwards, ref_eval = 0, None
+    ref_forwards, ref_eval, ref_strategy = [0], None, None
     if online:
         ref_strategy = _reference_strategy(cfg, topology, len(tokenizer))
         if evals:
             ref_eval, count = reference.pair_logps_table(ref_strategy, evals, pad_id, stage.micro_batch_size,
                                                          topology)
-            ref_forwards = int(common.all_reduce_sum(torch.tensor(float(count)), topology.dp_group).item())
+            ref_forwards[0] = int(common.all_reduce_sum(torch.tensor(float(count)), topology.dp_group).item())
     else:
-        ref_forwards, tables = _cached_reference(cfg, topology, tokenizer, splits)
+        ref_forwards[0], tables = _cached_reference(cfg, topology, tokenizer, splits)
         ref_eval = tables.get("eval")
-    plan = GlobalBatchPlan(len(train), stage.global_batch_size, stage.micro_batch_size, topology.dp, cfg.run.seed)
-    total_steps = common.total_steps(stage, plan.steps_per_epoch)
+    # The same metric keys on every rank; under pipeline parallelism only the last stage ran the loss.
+    keys = [key for key in METRICS if key != "target_gap" or stage.loss == "rpo"]
 
-    strategy = common.setup_strategy(cfg, topology, plan.grad_accum, total_steps,
-                                     lambda: build_model(cfg.model, len(tokenizer), cfg.run.seed))
-    # Measured before any checkpoint is loaded, so a resumed run reports the starting model as
-    # "before" (a pure function of the config), not the checkpoint it resumed from.
-    before = evaluate(strategy, evals, ref_eval, pad_id, stage, topology)
-    checkpoints, start_step, logger = common.restore(cfg, topology, strategy, total_steps)
-    make_batch = (functools.partial(pack_pairs, max_length=cfg.data.max_length, pad_id=pad_id) if stage.packing
-                  else functools.partial(collate_pairs, pad_id=pad_id))
-
-    # ---- train -----------------------------------------------------------------------------------
-    strategy.train()
-    bad_steps = common.BadSteps(stage)
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        batches = [common.to_device(make_batch([train[i] for i in ids]), topology.device)
-                   for ids in plan.micro_batches(step, topology.dp_rank)]
+    def step(strategy, step: int, batches: list[dict]) -> tuple[dict, float]:
         if online:
             with torch.no_grad():
                 for batch in batches:
                     batch["ref_chosen"], batch["ref_rejected"], _, _ = reference.pair_logps(
                         ref_strategy.token_logps(batch), batch, stage.average_logps)
-                    ref_forwards += batch["ref_chosen"].shape[0] * topology.dp
+                    ref_forwards[0] += batch["ref_chosen"].shape[0] * topology.dp
         sums: dict[str, torch.Tensor] = {}
         info = strategy.train_step(batches, lambda logps, batch: micro_batch_loss(
             logps, batch, stage, stage.global_batch_size, sums))
-        # The same keys on every rank; under pipeline parallelism only the last stage ran the loss.
-        keys = [key for key in METRICS if key != "target_gap" or stage.loss == "rpo"]
         zero = torch.zeros((), dtype=torch.float64)
         local = strategy.from_last_stage(torch.stack([sums.get(key, zero) for key in keys]))
         *totals, tokens, loss = common.all_reduce_sums(
             [*local, sum(b["loss_mask"].sum() for b in batches), info["loss"]], topology.dp_group)
         metrics = {key: total / stage.global_batch_size for key, total in zip(keys, totals)}
-        metrics.update({**info, "loss": loss, "response_tokens_per_s": tokens / (time.perf_counter() - t0),
-                        "epoch": step // plan.steps_per_epoch})
-        done = step + 1
-        bad_steps.update(done, info, metrics)
-        logger.log(done, metrics)
-        common.after_step(cfg, topology, checkpoints, strategy, done, total_steps, bad_steps)
+        return {**metrics, **info, "loss": loss}, tokens
 
-    # ---- finish ----------------------------------------------------------------------------------
-    after = evaluate(strategy, evals, ref_eval, pad_id, stage, topology)
-    result = {"stage": stage.name, "type": "preference", "loss": stage.loss, "steps": total_steps,
-              "train_data": train_stats, "reference_forward_pairs": ref_forwards,
-              **{f"before_{k}": v for k, v in before.items()}, **after}
-    logger.log(total_steps, after)
-    return common.finish(cfg, topology, strategy, checkpoints, tokenizer, logger, total_steps, result)
+    def held_out(strategy) -> dict:
+        return evaluate(strategy, evals, ref_eval, pad_id, stage, topology)
+
+    return Job(
+        train=train, train_stats=train_stats, step=step, evaluate=held_out,
+        before=lambda strategy: {f"before_{k}": v for k, v in held_out(strategy).items()},
+        make_model=lambda: build_model(cfg.model, len(tokenizer), cfg.run.seed),
+        make_batch=(functools.partial(pack_pairs, max_length=cfg.data.max_length, pad_id=pad_id) if stage.packing
+                    else functools.partial(collate_pairs, pad_id=pad_id)),
+        summary=lambda: {"loss": stage.loss, "reference_forward_pairs": ref_forwards[0]},
+        throughput="response_tokens_per_s", extra={"reference": ref_strategy})
+
+
+def run(cfg: DictConfig, topology: Topology) -> dict:
+    return loop.train(cfg, topology, setup)

@@ -2,7 +2,7 @@
 
 Before a DPO/IPO/RPO stage trains, the reference model runs one forward pass over the preference data,
 sharded across data-parallel ranks; the per-pair response log-probs (sums and token counts) are
-summed into a full table on every rank and stored next to the data under a key of (reference model
+summed into a full table on every rank and stored in ``data.cache_dir`` under a key of (reference model
 fingerprint, data bytes, tokenizer, max length, truncation). Later epochs, resumed runs and later runs
 on the same data read the table and never build the reference model at all.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.data.packing import segment_sum
 from trainer.data.preference import collate_pairs
 from trainer.parallel.topology import Topology
-from trainer.stages.common import all_reduce_sum, to_device
+from trainer.stages.common import all_reduce_sum, sharded_batches, to_device
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -65,13 +64,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_path(data_files: list[Path], model_key: str, tokenizer_key: str, data_cfg: DictConfig) -> Path:
+    """Where the table for this (model, tokenizer, data bytes, length settings) lives: under
+    ``data.cache_dir``, shared by every run on this machine, never next to the user's data (which may
+    be a read-only mount)."""
     digest = hashlib.sha256()
     for path in data_files:
         digest.update(Path(path).read_bytes())
     key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "model": model_key, "tokenizer": tokenizer_key,
                                      "data": digest.hexdigest(), "max_length": data_cfg.max_length,
                                      "truncation": data_cfg.truncation}).encode()).hexdigest()[:32]
-    return Path(data_files[0]).parent / ".stagecraft" / f"reflogps-{key}.pt"
+    return Path(data_cfg.cache_dir) / "reference" / f"reflogps-{key}.pt"
 
 
 def pair_logps(logps: torch.Tensor, batch: dict[str, torch.Tensor], average: bool) -> tuple[torch.Tensor, ...]:
@@ -96,12 +98,9 @@ def pair_logps_table(strategy, pairs: list[dict], pad_id: int, batch_size: int,
     log-probs under ``strategy``'s model, on every rank, and the number of pairs this rank forwarded.
     A collective: every rank makes the same number of forwards."""
     table = torch.zeros(len(pairs), 4, dtype=torch.float64)
-    mine = list(range(topology.dp_rank, len(pairs), topology.dp))
-    calls = math.ceil(math.ceil(len(pairs) / topology.dp) / batch_size)
     forwarded = 0
-    for c in range(calls):
-        ids = mine[c * batch_size:(c + 1) * batch_size]
-        batch = to_device(collate_pairs([pairs[i] for i in (ids or [0])], pad_id), topology.device)
+    for ids, chunk in sharded_batches(pairs, batch_size, topology):
+        batch = to_device(collate_pairs(chunk, pad_id), topology.device)
         chosen, rejected, n_c, n_r = pair_logps(strategy.token_logps(batch), batch, average=False)
         if ids:
             table[ids] = torch.stack([chosen, rejected, n_c, n_r], dim=1).double().cpu()

@@ -1,4 +1,4 @@
-"""Multi-attribute reward model: one readable loop (setup, train, export).
+"""Multi-attribute reward model: its data, loss and evaluation on the shared loop (trainer/stages/loop.py).
 
 A linear head on a CausalLM backbone predicts each HelpSteer2 attribute of a response (SteerLM /
 HelpSteer2, Wang et al. 2024; Nemotron-4 340B Reward). The loss is the masked MSE over every annotated
@@ -15,19 +15,17 @@ attribute's training mean: what a model that ignores its input can reach).
 from __future__ import annotations
 
 import logging
-import math
-import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from trainer.data.preference import collate_reward, tokenize_reward_example, validate_reward_record
-from trainer.data.sampler import GlobalBatchPlan
 from trainer.losses.reward import reward_regression_loss
 from trainer.models.reward import build_reward_model
 from trainer.parallel.topology import Topology
-from trainer.stages import common
+from trainer.stages import common, loop
+from trainer.stages.loop import Job
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +69,16 @@ def _mse_metrics(sq_err: torch.Tensor, entries: torch.Tensor, attributes: list[s
 @torch.no_grad()
 def evaluate(strategy, examples: list[dict], pad_id: int, micro_batch_size: int, topology: Topology,
              attributes: list[str], prefix: str = "eval_mse") -> dict:
-    """Masked MSE per attribute and overall, sharded across data-parallel ranks and summed exactly.
-
-    Every rank runs the same number of forwards (ZeRO-3 gathers parameters inside forward), a rank
-    short of examples repeating its first batch with its result discarded."""
+    """Masked MSE per attribute and overall, sharded across data-parallel ranks and summed exactly."""
+    if not examples:
+        return {}
     strategy.eval()
-    mine = examples[topology.dp_rank::topology.dp]
-    calls = math.ceil(math.ceil(len(examples) / topology.dp) / micro_batch_size)
     sq_err = torch.zeros(len(attributes), dtype=torch.float64)
     entries = torch.zeros(len(attributes), dtype=torch.float64)
-    for c in range(calls):
-        chunk = mine[c * micro_batch_size:(c + 1) * micro_batch_size]
-        batch = common.to_device(collate_reward(chunk or examples[:1], pad_id), topology.device)
+    for ids, chunk in common.sharded_batches(examples, micro_batch_size, topology):
+        batch = common.to_device(collate_reward(chunk, pad_id), topology.device)
         scores = strategy.outputs(batch).double()
-        if chunk:
+        if ids:
             mask = batch["target_mask"].double()
             sq_err += (mask * (scores - batch["targets"].double()) ** 2).sum(0).cpu()
             entries += mask.sum(0).cpu()
@@ -103,66 +97,41 @@ def constant_predictor_mse(train: list[dict], evals: list[dict], attributes: lis
     return _mse_metrics((mask * (targets - means) ** 2).sum(0), mask.sum(0), attributes, "eval_mse_constant")
 
 
-def run(cfg: DictConfig, topology: Topology) -> dict:
+def setup(cfg: DictConfig, topology: Topology, tokenizer) -> Job:
     stage = cfg.stage
-    out, finished = common.start(cfg, topology)
-    if finished is not None:
-        return finished
-
-    # ---- setup -----------------------------------------------------------------------------------
     attributes = list(stage.attributes)
-    tokenizer = common.build_tokenizer(cfg)
     train_files, eval_files = common.data_files(cfg, topology, "reward")
     train, train_stats = tokenized_reward_dataset(train_files, tokenizer, cfg.data, attributes)
     evals, _ = tokenized_reward_dataset(eval_files, tokenizer, cfg.data, attributes)
-    log.info("train data: %s", train_stats)
-    plan = GlobalBatchPlan(len(train), stage.global_batch_size, stage.micro_batch_size, topology.dp, cfg.run.seed)
-    total_steps = common.total_steps(stage, plan.steps_per_epoch)
-
-    strategy = common.setup_strategy(
-        cfg, topology, plan.grad_accum, total_steps,
-        lambda: build_reward_model(cfg.model, len(tokenizer), cfg.run.seed, attributes, stage.attribute_weights))
     pad_id = tokenizer.pad_token_id
-    # Measured on every (re)start before any checkpoint is loaded: the starting model is a pure
-    # function of the config (seeded init or model.path), so this is the same number each time.
-    untrained = {}
-    if evals:
-        untrained = evaluate(strategy, evals, pad_id, stage.micro_batch_size, topology, attributes,
-                             "eval_mse_untrained")
-        untrained.update(constant_predictor_mse(train, evals, attributes))
-    checkpoints, start_step, logger = common.restore(cfg, topology, strategy, total_steps)
-    if start_step == 0 and untrained:
-        logger.log(0, untrained)
 
-    # ---- train -----------------------------------------------------------------------------------
-    strategy.train()
-    bad_steps = common.BadSteps(stage)
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        batches = [common.to_device(collate_reward([train[i] for i in ids], pad_id), topology.device)
-                   for ids in plan.micro_batches(step, topology.dp_rank)]
+    def step(strategy, step: int, batches: list[dict]) -> tuple[dict, float]:
         entries, inputs = common.all_reduce_sums([sum(b["target_mask"].sum() for b in batches),
                                                   sum(b["attention_mask"].sum() for b in batches)], topology.dp_group)
         global_entries = torch.tensor(entries, dtype=torch.float32)
         info = strategy.train_step(
             batches, lambda scores, batch: micro_batch_loss(scores, batch, global_entries.to(scores.device)))
-        elapsed = time.perf_counter() - t0
-        metrics = {**info, "loss": common.all_reduce_sum(info["loss"], topology.dp_group).item(),
-                   "target_entries": int(entries), "tokens_per_s": inputs / elapsed,
-                   "epoch": step // plan.steps_per_epoch}
-        done = step + 1
-        if stage.eval_every and done % stage.eval_every == 0 and done < total_steps:
-            metrics.update(evaluate(strategy, evals, pad_id, stage.micro_batch_size, topology, attributes))
-        bad_steps.update(done, info, metrics)
-        logger.log(done, metrics)
-        common.after_step(cfg, topology, checkpoints, strategy, done, total_steps, bad_steps)
+        loss = common.all_reduce_sum(info["loss"], topology.dp_group).item()
+        return {**info, "loss": loss, "target_entries": int(entries)}, inputs
 
-    # ---- finish ----------------------------------------------------------------------------------
-    result = {"stage": stage.name, "type": "reward", "steps": total_steps, "train_data": train_stats,
-              "attributes": attributes, "attribute_weights": list(stage.attribute_weights)}
-    if evals:
-        result.update(evaluate(strategy, evals, pad_id, stage.micro_batch_size, topology, attributes))
-        result.update(untrained)
-        logger.log(total_steps, {k: v for k, v in result.items() if k.startswith("eval_")})
-    # Final checkpoint, then hf/ (RewardModel.save_pretrained: backbone + head + reward_config.json).
-    return common.finish(cfg, topology, strategy, checkpoints, tokenizer, logger, total_steps, result)
+    def untrained(strategy) -> dict:
+        """The starting model (a pure function of the config: seeded init or model.path) and the best
+        constant predictor, the two bars the trained model is compared with."""
+        if not evals:
+            return {}
+        metrics = evaluate(strategy, evals, pad_id, stage.micro_batch_size, topology, attributes,
+                           "eval_mse_untrained")
+        return {**metrics, **constant_predictor_mse(train, evals, attributes)}
+
+    return Job(
+        train=train, train_stats=train_stats, step=step, before=untrained,
+        make_batch=lambda examples: collate_reward(examples, pad_id),
+        # hf/ is RewardModel.save_pretrained: backbone + head + reward_config.json.
+        make_model=lambda: build_reward_model(cfg.model, len(tokenizer), cfg.run.seed, attributes,
+                                              stage.attribute_weights),
+        evaluate=lambda strategy: evaluate(strategy, evals, pad_id, stage.micro_batch_size, topology, attributes),
+        summary=lambda: {"attributes": attributes, "attribute_weights": list(stage.attribute_weights)})
+
+
+def run(cfg: DictConfig, topology: Topology) -> dict:
+    return loop.train(cfg, topology, setup)

@@ -1,0 +1,91 @@
+"""The Nemotron chain as a user writes it: their own recipe YAML in a --config-dir, every source a JSONL
+file, reward model -> annotate -> RPO on 2 processes through the `stagecraft` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import run_stagecraft
+from trainer.data.preference import synthetic_preference_records, synthetic_reward_records
+from trainer.data.synthetic import generate_chat_records, write_jsonl
+from trainer.data.tokenizer import load_tokenizer
+from trainer.models.reward import load_reward_model
+from trainer.stages.annotate import score_pairs
+
+pytestmark = pytest.mark.distributed
+
+FAMILIES = ["copy", "upper"]
+SMALL = {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 3, "eval_max_new_tokens": 0}
+
+
+def _user_recipe(root: Path) -> Path:
+    """conf/recipe/chain.yaml and the JSONL files it names; the pairs carry no rewards at all."""
+    data = root / "data"
+    data.mkdir()
+    files = {
+        "chat": (generate_chat_records(32, 1, FAMILIES), generate_chat_records(8, 2, FAMILIES)),
+        "ratings": (synthetic_reward_records(32, 3, FAMILIES), synthetic_reward_records(8, 4, FAMILIES)),
+        "pairs": (synthetic_preference_records(32, 5, FAMILIES, with_rewards=False),
+                  synthetic_preference_records(8, 6, FAMILIES, with_rewards=False)),
+    }
+    sources = {}
+    for name, (train, eval_) in files.items():
+        write_jsonl(data / f"{name}_train.jsonl", train)
+        write_jsonl(data / f"{name}_eval.jsonl", eval_)
+        kind = {"chat": "sft", "ratings": "reward", "pairs": "preference"}[name]
+        sources[name] = {"kind": kind, "train": [str(data / f"{name}_train.jsonl")],
+                         "eval": [str(data / f"{name}_eval.jsonl")]}
+    recipe = {
+        "run": {"name": "chain"},
+        "recipe": {
+            "name": "chain", "sources": sources,
+            "stages": [
+                {"name": "sft", "stage": "sft", "init": "base", "data": [{"source": "chat"}], "overrides": SMALL},
+                {"name": "rm", "stage": "reward_nemotron4", "data": [{"source": "ratings"}], "overrides": SMALL},
+                {"name": "rpo", "stage": "rpo", "reward_model": "rm", "data": [{"source": "pairs"}],
+                 "overrides": SMALL},
+            ],
+            "eval": {"sources": ["chat", "pairs"], "max_new_tokens": 4, "batch_size": 8},
+        },
+    }
+    conf = root / "conf" / "recipe"
+    conf.mkdir(parents=True)
+    (conf / "chain.yaml").write_text("# @package _global_\n" + yaml.safe_dump(recipe))
+    return root / "conf"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("chain")
+    conf = _user_recipe(root)
+    run = root / "run"
+    run_stagecraft(run, ["--config-dir", str(conf), "recipe=chain"], cache_dir, nproc=2)
+    return run
+
+
+def test_rpo_trains_on_the_reward_models_own_scores(chain):
+    summary = json.loads((chain / "summary.json").read_text())
+    assert [(s["name"], s["type"]) for s in summary["stages"]] == [
+        ("sft", "sft"), ("rm", "reward"), ("rpo_annotate", "annotate"), ("rpo", "preference")]
+    annotate = summary["stages"][2]["result"]
+    assert annotate["scored"] == 32 and annotate["kept"] == 0
+    # Every training pair of the RPO stage carries the reward model's reward of each side, as the
+    # model scores it here, in this process, independently of the annotate stage's sharding.
+    trained_on = [json.loads(line) for line in (chain / "data" / "rpo_train.jsonl").read_text().splitlines()]
+    assert len(trained_on) == 32
+    model, tokenizer = load_reward_model(str(chain / "stages/rm/hf")), load_tokenizer(str(chain / "stages/rm/hf"))
+    max_length = yaml.safe_load((chain / "stages/rpo/config.yaml").read_text())["data"]["max_length"]
+    scores = score_pairs(model.eval(), tokenizer, trained_on, max_length, torch.device("cpu"))
+    got = torch.tensor([[r["chosen_reward"], r["rejected_reward"]] for r in trained_on], dtype=torch.float64)
+    assert torch.allclose(got, torch.tensor(scores, dtype=torch.float64), atol=1e-5)
+    # The reward is the Nemotron-weighted attribute sum the model was saved with.
+    assert json.loads((chain / "stages/rm/hf/reward_config.json").read_text())["attribute_weights"] == \
+        [0.3, 0.74, 0.46, 0.47, -0.33]
+    # RPO's eval pairs carry no rewards and need none; the reward model was measured on them.
+    assert "pairs/preference_accuracy" in summary["stages"][3]["eval"]
+    assert 0.0 <= summary["stages"][1]["eval"]["pairs/rm_accuracy"] <= 1.0
