@@ -40,10 +40,10 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def stagecraft_command(run_dir: Path, overrides: list[str], cache: Path, nproc: int = 1, env: dict | None = None,
-                       script: Path | None = None) -> tuple[list[str], dict]:
+                       script: Path | None = None, tiny: bool = True) -> tuple[list[str], dict]:
     """The command line and environment of `stagecraft run.dir=... <overrides>` (see run_stagecraft)."""
     # A model loaded from model.path has no model.config to shrink.
-    tiny = [o for o in TINY if not ("model=hf" in overrides and o.startswith("model.config."))]
+    tiny = [o for o in TINY if tiny and not ("model=hf" in overrides and o.startswith("model.config."))]
     # Hydra's own flags (--config-dir DIR, ...) go before the overrides, as a user types them.
     flags = [a for i, a in enumerate(overrides) if a.startswith("--") or (i and overrides[i - 1].startswith("--"))]
     args = [*flags, f"run.dir={run_dir}", *tiny, *[o for o in overrides if o not in flags]]
@@ -62,12 +62,13 @@ def stagecraft_command(run_dir: Path, overrides: list[str], cache: Path, nproc: 
 
 
 def run_stagecraft(run_dir: Path, overrides: list[str], cache: Path, nproc: int = 1, env: dict | None = None,
-                   check: bool = True, script: Path | None = None) -> subprocess.CompletedProcess:
+                   check: bool = True, script: Path | None = None, tiny: bool = True) -> subprocess.CompletedProcess:
     """`stagecraft run.dir=... <overrides>` as a user types it; nproc > 1 goes through its torchrun launch.
 
+    ``tiny=False`` runs the configs as they are (the demo as a user runs it), not shrunk to ``TINY``.
     ``script``: a test-only entry point that patches something and then runs the same command (e.g.
     tests/megatron_cli.py); torchrun starts it directly, since the command's own launch would not."""
-    cmd, full_env = stagecraft_command(run_dir, overrides, cache, nproc, env, script)
+    cmd, full_env = stagecraft_command(run_dir, overrides, cache, nproc, env, script, tiny)
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"stagecraft failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

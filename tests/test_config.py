@@ -115,19 +115,19 @@ def test_stage_types_carry_their_own_schema():
 
 
 def test_recipe_stage_graph_rejects_a_later_reference():
-    cfg = _compose(["recipe=demo", "recipe.stages.3.reference=rpo_1"])  # dpo referencing a later stage
-    with pytest.raises(ConfigError, match=r"recipe\.stages\[3\]\.reference: 'rpo_1' is neither"):
+    cfg = _compose(["recipe=demo", "recipe.stages.2.reference=rpo_1"])  # dpo referencing a later stage
+    with pytest.raises(ConfigError, match=r"recipe\.stages\[2\]\.reference: 'rpo_1' is neither"):
         plan(cfg.recipe)
 
 
 def test_recipe_repeat_chains_iterations():
     stages = [s for s in plan(_compose(["recipe=demo"]).recipe) if s.type != "annotate"]
-    assert [s.name for s in stages] == ["code_sft", "general_sft", "rm", "dpo", "rpo_1", "rpo_2", "rpo_3"]
+    assert [s.name for s in stages] == ["code_sft", "general_sft", "dpo", "rm", "rpo_1", "rpo_2", "rpo_3"]
     assert [(s.init, s.reference) for s in stages[4:]] == [("dpo", "dpo"), ("rpo_1", "rpo_1"), ("rpo_2", "rpo_2")]
     assert stages[0].init == "base" and stages[1].data == (("general", 0.98), ("code", 0.02))
 
 
 def test_recipe_data_must_match_the_stage_kind():
-    cfg = _compose(["recipe=demo", "recipe.stages.3.data=[{source: code, weight: 1.0}]"])
-    with pytest.raises(ConfigError, match=r"recipe\.stages\[3\]\.data: a preference stage needs preference"):
+    cfg = _compose(["recipe=demo", "recipe.stages.2.data=[{source: code, weight: 1.0}]"])
+    with pytest.raises(ConfigError, match=r"recipe\.stages\[2\]\.data: a preference stage needs preference"):
         plan(cfg.recipe)

@@ -89,3 +89,39 @@ def test_rpo_trains_on_the_reward_models_own_scores(chain):
     # RPO's eval pairs carry no rewards and need none; the reward model was measured on them.
     assert "pairs/preference_accuracy" in summary["stages"][3]["eval"]
     assert 0.0 <= summary["stages"][1]["eval"]["pairs/rm_accuracy"] <= 1.0
+
+
+def test_a_curate_stage_feeds_sft_its_kept_records(tmp_path, cache_dir):
+    """LongWriter's 2-step filter as a recipe stage: SFT trains on exactly the records whose
+    instruction states a length and whose response scores S_l >= 80 (recomputed here)."""
+    from trainer.curation.longwriter_data import generate
+    from trainer.data import length_score, produced_length, required_length
+
+    records, _ = generate(40, seed=7, min_required=100, max_required=300)
+    write_jsonl(tmp_path / "long.jsonl", records)
+    recipe = {"run": {"name": "curated"}, "recipe": {
+        "name": "curated", "eval": {"enabled": False},
+        "sources": {"long": {"kind": "sft", "train": [str(tmp_path / "long.jsonl")]}},
+        "stages": [
+            {"name": "filtered", "stage": "curate", "data": [{"source": "long"}],
+             "overrides": {"tool": "length-filter", "options": {"threshold": 80}}},
+            {"name": "sft", "stage": "sft", "init": "base", "data": [{"source": "filtered"}],
+             "overrides": {**SMALL, "max_steps": 1}}]}}
+    conf = tmp_path / "conf" / "recipe"
+    conf.mkdir(parents=True)
+    (conf / "curated.yaml").write_text("# @package _global_\n" + yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    run_stagecraft(run, ["--config-dir", str(tmp_path / "conf"), "recipe=curated", "data.max_length=1024"],
+                   cache_dir)
+
+    def keeps(record):
+        required = required_length(record["messages"][0]["content"])
+        return required is not None and length_score(required, produced_length(record["messages"][1]["content"])) >= 80
+
+    expected = [r for r in records if keeps(r)]
+    assert 0 < len(expected) < len(records)
+    trained_on = [json.loads(line) for line in (run / "data" / "sft_train.jsonl").read_text().splitlines()]
+    key = lambda r: json.dumps(r["messages"], sort_keys=True)  # noqa: E731
+    assert sorted(map(key, trained_on)) == sorted(map(key, expected))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stages"][0]["eval"]["data/kept"] == len(expected)

@@ -21,13 +21,14 @@ def _stages(overrides=()):
 def test_demo_chains_reward_model_annotate_and_rpo():
     stages = _stages()
     assert [(s.name, s.type) for s in stages] == [
-        ("code_sft", "sft"), ("general_sft", "sft"), ("rm", "reward"), ("dpo", "preference"),
+        ("code_sft", "sft"), ("general_sft", "sft"), ("dpo", "preference"), ("rm", "reward"),
         ("rpo_1_annotate", "annotate"), ("rpo_1", "preference"), ("rpo_2_annotate", "annotate"),
         ("rpo_2", "preference"), ("rpo_3_annotate", "annotate"), ("rpo_3", "preference")]
     by_name = {s.name: s for s in stages}
-    # "previous" is the newest policy: the reward model in between is not one.
     assert by_name["dpo"].init == by_name["dpo"].reference == "general_sft"
-    assert by_name["rm"].init == "general_sft" and by_name["rm"].produces == "reward_model"
+    # The reward model's backbone is the DPO policy; "previous" for rpo_1 is still dpo, the newest
+    # policy (the reward model in between is not one).
+    assert by_name["rm"].init == "dpo" and by_name["rm"].produces == "reward_model"
     for k in (1, 2, 3):
         scoring, rpo = by_name[f"rpo_{k}_annotate"], by_name[f"rpo_{k}"]
         assert scoring.reward_model == "rm" and scoring.data == (("pairs", 1.0),)
@@ -42,7 +43,7 @@ def test_demo_chains_reward_model_annotate_and_rpo():
                                            r"not a reward_model"),
     (["recipe.stages.2.init=rm"], r"recipe\.stages\[2\]\.init: 'rm' is neither a path nor a policy"),
     (["recipe.stages.3.data=[{source: rm, weight: 1.0}]"], r"recipe\.stages\[3\]\.data: unknown source 'rm'"),
-    (["recipe.stages.0.reward_model=rm"], r"recipe\.stages\[0\]\.reward_model: only annotate and preference"),
+    (["recipe.stages.0.reward_model=rm"], r"recipe\.stages\[0\]\.reward_model: only annotate, preference and curate"),
     (["recipe.stages.4.overrides.global_batch_size=12"],
      r"recipe\.stages\[4\] \(stage rpo_1\): stage\.global_batch_size: 12 must be a multiple of "
      r"stage\.micro_batch_size \* dp = 8 \* 2"),
@@ -75,5 +76,5 @@ def test_a_typo_in_a_late_stage_fails_before_the_first_stage_starts(tmp_path, ca
 def test_validate_plans_the_recipe():
     cfg = _compose(["recipe=demo", "recipe.stages.3.overrides.micro_batch_size=3"])
     cfg.run.dir = "/tmp/unused"
-    with pytest.raises(ConfigError, match=r"recipe\.stages\[3\] \(stage dpo\): stage\.global_batch_size"):
+    with pytest.raises(ConfigError, match=r"recipe\.stages\[3\] \(stage rm\): stage\.global_batch_size"):
         validate(cfg, 2)

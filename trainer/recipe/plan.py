@@ -9,7 +9,8 @@ Each stage type produces one artifact (trainer/stages/registry.py): a ``policy``
   scores; on a preference stage it makes every iteration score its own training pairs first: the plan
   inserts ``<name>_annotate`` (an annotate stage over the same data, its rewards replacing any the pairs
   carried) and the preference stage trains on that stage's dataset.
-- ``data: [{source: S}]``: S is a recipe source or an earlier dataset-producing stage.
+- ``data: [{source: S}]``: S is a recipe source or an earlier dataset-producing stage (annotate, or
+  curate: a curation tool's kept records, in the format of its input).
 
 ``repeat: 3`` becomes three stages ``<name>_1.._3``; iteration k starts from, and (for preference
 stages) uses as reference, iteration k-1's policy. Every reference to an artifact that comes later,
@@ -40,6 +41,7 @@ class PlannedStage:
     data: tuple[tuple[str, float], ...]  # (recipe source or dataset stage, weight)
     iteration: int  # 1-based within a repeated stage
     key: str  # the recipe key it came from, for error messages
+    data_kind: str | None = None  # the record format of its data (and of the dataset it produces)
 
     @property
     def produces(self) -> str | None:
@@ -98,15 +100,15 @@ def _data_kind(recipe: DictConfig, artifacts: _Artifacts, source: str, key: str)
     if source in recipe.sources:
         return recipe.sources[source].kind
     if source in artifacts.names(DATASET):
-        made_by = next(s for s in artifacts.stages if s.name == source)
-        return stage_type(made_by.type).consumes
+        return next(s for s in artifacts.stages if s.name == source).data_kind
     raise ConfigError(f"{key}.data: unknown source {source!r}; recipe.sources has "
                       f"{', '.join(recipe.sources) or 'none'}, earlier dataset stages "
                       f"{', '.join(artifacts.names(DATASET)) or 'none'}")
 
 
 def _check_data(recipe: DictConfig, artifacts: _Artifacts, spec: DictConfig, wanted: str | None, key: str,
-                kind_name: str) -> None:
+                kind_name: str) -> str:
+    """The one record format of the stage's sources (``wanted`` when the stage type fixes it)."""
     if not spec.data:
         raise ConfigError(f"{key}.data: name at least one source")
     if any(m.weight <= 0 for m in spec.data):
@@ -114,6 +116,9 @@ def _check_data(recipe: DictConfig, artifacts: _Artifacts, spec: DictConfig, wan
     kinds = {_data_kind(recipe, artifacts, m.source, key) for m in spec.data}
     if wanted is not None and kinds != {wanted}:
         raise ConfigError(f"{key}.data: a {kind_name} stage needs {wanted} sources; got {', '.join(sorted(kinds))}")
+    if len(kinds) != 1:
+        raise ConfigError(f"{key}.data: sources of one record format, please; got {', '.join(sorted(kinds))}")
+    return kinds.pop()
 
 
 def _missing_rewards(path: Path) -> tuple[int, int]:
@@ -165,12 +170,12 @@ def plan(recipe: DictConfig) -> list[PlannedStage]:
             name = spec.name if spec.repeat == 1 else f"{spec.name}_{k}"
             config = load_stage_config(spec.stage, overrides, key)
             kind = stage_type(config.type)
-            _check_data(recipe, artifacts, spec, kind.consumes, key, config.type)
+            data_kind = _check_data(recipe, artifacts, spec, kind.consumes, key, config.type)
             data = tuple((m.source, float(m.weight)) for m in spec.data)
             reward_model = None
             if spec.reward_model is not None:
-                if config.type not in ("annotate", "preference"):
-                    raise ConfigError(f"{key}.reward_model: only annotate and preference stages use a reward "
+                if config.type not in ("annotate", "preference", "curate"):
+                    raise ConfigError(f"{key}.reward_model: only annotate, preference and curate stages use a reward "
                                       f"model; {spec.stage} is a {config.type} stage")
                 reward_model = artifacts.resolve(spec.reward_model, REWARD_MODEL, f"{key}.reward_model")
             elif config.type == "annotate":
@@ -183,7 +188,7 @@ def plan(recipe: DictConfig) -> list[PlannedStage]:
                 scoring.name = f"{name}_annotate"
                 _add(artifacts, PlannedStage(name=scoring.name, type="annotate", config=scoring, init="base",
                                              reference=None, reward_model=reward_model, data=data,
-                                             iteration=k, key=key))
+                                             iteration=k, key=key, data_kind=data_kind))
                 data, reward_model = ((scoring.name, 1.0),), None
             config.name = name
             init = artifacts.resolve(spec.init if k == 1 else "previous", POLICY, f"{key}.init")
@@ -191,7 +196,7 @@ def plan(recipe: DictConfig) -> list[PlannedStage]:
             if config.type == "preference":
                 reference = artifacts.resolve(spec.reference if k == 1 else "previous", POLICY, f"{key}.reference")
             st = PlannedStage(name=name, type=config.type, config=config, init=init, reference=reference,
-                              reward_model=reward_model, data=data, iteration=k, key=key)
+                              reward_model=reward_model, data=data, iteration=k, key=key, data_kind=data_kind)
             _check_rewards(recipe, st)
             _add(artifacts, st)
     return artifacts.stages

@@ -54,7 +54,9 @@ def _evaluate(cfg: DictConfig, st: PlannedStage | None, hf_dir: Path | None, res
     stage's counts."""
     recipe = cfg.recipe
     produces = POLICY if st is None else st.produces
-    if produces == DATASET:
+    if produces == DATASET:  # an annotate stage's reward statistics, a curate stage's kept share
+        if result.get("type") == "curate":
+            return {"data/kept": result["kept"], "data/kept_fraction": result["kept"] / max(1, result["records"])}
         return {f"rewards/{k}": v for k, v in result.items() if k in ANNOTATE_METRICS}
     if not recipe.eval.enabled or produces not in (POLICY, REWARD_MODEL):
         return {}

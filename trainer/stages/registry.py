@@ -8,7 +8,8 @@ Artifacts are what a stage hands to later stages of a recipe (trainer/recipe/pla
 - ``policy``: an HF CausalLM directory (``hf/``) a later stage can start from or use as reference;
 - ``reward_model``: an HF reward-model directory (backbone + head + reward_config.json) that an
   annotate stage scores with;
-- ``dataset``: JSONL records of the stage's ``consumes`` format (e.g. annotated preference pairs).
+- ``dataset``: JSONL records in the format of the stage's input (annotated preference pairs, SFT data
+  a curation tool kept).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from trainer.config.schema import (AnnotateStageConfig, BenchmarkStageConfig, PreferenceStageConfig,
-                                   RewardStageConfig, StageConfig)
+from trainer.config.schema import (AnnotateStageConfig, BenchmarkStageConfig, CurateStageConfig,
+                                   PreferenceStageConfig, RewardStageConfig, StageConfig)
 
 POLICY, REWARD_MODEL, DATASET = "policy", "reward_model", "dataset"
 
@@ -57,6 +58,15 @@ def _check_annotate(cfg: DictConfig) -> None:
                           "(a reward stage's hf/ export; in a recipe, the name of a reward stage)")
 
 
+def _check_curate(cfg: DictConfig) -> None:
+    from trainer.config.validate import ConfigError
+    from trainer.curation import TOOLS
+
+    if cfg.stage.tool not in TOOLS or cfg.stage.tool == "stats":
+        raise ConfigError(f"stage.tool: must be one of {', '.join(t for t in TOOLS if t != 'stats')} (a tool "
+                          f"that keeps records); got {cfg.stage.tool!r}")
+
+
 def _check_benchmark(cfg: DictConfig) -> None:
     from trainer.config.validate import positive
 
@@ -70,7 +80,7 @@ class StageType:
     name: str
     schema: type  # the dataclass its config is merged onto
     module: str  # trainer.stages.<module>.run(cfg, topology) -> result
-    consumes: str | None  # record format of its data: sft | preference | reward (None: needs none)
+    consumes: str | None  # record format of its data: sft | preference | reward (None: any, or none)
     produces: str | None  # the artifact it hands on (None: nothing a later stage can use)
     check: Callable[[DictConfig], None] | None = None  # its own config rules; errors name the stage.* key
     optimizer_steps: bool = True  # trains with global batches (the batch arithmetic applies)
@@ -84,6 +94,8 @@ STAGE_TYPES: dict[str, StageType] = {t.name: t for t in (
               check=_check_reward),
     StageType("annotate", AnnotateStageConfig, "annotate", consumes="preference", produces=DATASET,
               check=_check_annotate, optimizer_steps=False),
+    StageType("curate", CurateStageConfig, "curate", consumes=None, produces=DATASET, check=_check_curate,
+              optimizer_steps=False),
     StageType("benchmark", BenchmarkStageConfig, "benchmark", consumes=None, produces=None,
               check=_check_benchmark),
 )}
