@@ -2,23 +2,26 @@
 
 ``stagecraft parallel=zero2 cluster.nproc_per_node=2`` re-executes itself under torchrun with 2
 workers; under torchrun (or with one process) each worker builds the Topology and runs the stage.
+``cluster.nnodes`` > 1: the same command on every node, each with its ``cluster.node_rank``;
+``cluster=slurm``: an sbatch job whose every node runs this command again (docs/launch.md).
 
 Everything that can be checked without a worker is checked here, once, before any worker starts: the
-config, the layout against the process count, model and tokenizer paths, the run.dir lock. The
-launcher forwards stop signals to torchrun (which forwards them to the workers), and torchrun dies
-with the launcher, so no worker is ever left behind. The process exits with the code of the error the
-run ended with (trainer/runtime/errors.py; docs/fault-tolerance.md).
+config, the layout against the process count, model and tokenizer paths, the run.dir lock (node 0's
+launcher holds it for the whole job). Every re-executed process gets the user's own arguments,
+config directories included (trainer/launch/argv.py). The launcher forwards stop signals to torchrun
+(which forwards them to the workers), and torchrun dies with the launcher, so no worker is ever left
+behind. The process exits with the code of the error the run ended with (trainer/runtime/errors.py;
+docs/fault-tolerance.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -27,61 +30,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import CONFIG_DIR, ConfigError, register_configs, validate
 from trainer.config.paths import check_paths
+from trainer.launch.torchrun import NODE_EXIT_ENV, free_port, launch, torchrun_command  # noqa: F401  (re-exported)
 from trainer.runtime.errors import CollectiveTimeout, RunError, exit_code_for
 from trainer.runtime.lock import HELD_ENV, RunLock
-from trainer.runtime.signals import signal_numbers
 
 log = logging.getLogger("stagecraft")
 EXIT_FILE = "exit.json"  # <run.dir>/exit.json: how the last run on this directory ended (rank 0 writes it)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun_command(cfg: DictConfig, overrides: list[str]) -> list[str]:
-    """The torchrun command that runs this same job with ``cluster.nproc_per_node`` workers."""
-    c = cfg.cluster
-    port = c.master_port or free_port()
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={c.nproc_per_node}",
-            f"--nnodes={c.nnodes}", f"--node_rank={c.node_rank}", f"--master_addr={c.master_addr}",
-            f"--master_port={port}", f"--shutdown_timeout={c.shutdown_timeout}", "-m", "trainer.cli", *overrides,
-            # Only the launching process keeps Hydra's copy of the composed config.
-            "hydra.output_subdir=null"]
-
-
-def _die_with_parent() -> None:
-    """In the torchrun child: SIGTERM when the launcher dies, however it dies (Linux prctl)."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def launch(cfg: DictConfig, command: list[str]) -> int:
-    """Run torchrun; forward stop signals (and Ctrl-C) to it as SIGTERM: torchrun passes SIGTERM on
-    to every worker and waits ``cluster.shutdown_timeout`` seconds for their checkpoint."""
-    proc = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                            env={**os.environ, HELD_ENV: "1"})
-
-    def forward(signum, frame):
-        log.warning("received %s: asking the workers to checkpoint and stop", signal.Signals(signum).name)
-        proc.send_signal(signal.SIGTERM)
-
-    for number in {*signal_numbers(cfg.run.stop_signals), signal.SIGINT}:
-        signal.signal(number, forward)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:  # only if SIGINT arrived before the handler was set
-            proc.send_signal(signal.SIGTERM)
+# Read once, when the process starts: a one-process run sets LOCAL_RANK itself (DeepSpeed wants one), and
+# the next point of a sweep in this same process must still know it is the launcher.
+UNDER_LAUNCHER = "LOCAL_RANK" in os.environ
 
 
 def run_worker(cfg: DictConfig) -> dict:
-    """One worker's whole job: process groups, the run.dir lock (rank 0), then the stage or recipe."""
+    """One worker's whole job: process groups, the run.dir lock (rank 0), the check that every rank
+    sees the same run.dir, then the stage or recipe."""
     from trainer.parallel import Topology
+    from trainer.runtime.shared_fs import check_shared_run_dir
     from trainer.stages import get_stage
     from trainer.stages.common import from_main
 
@@ -91,14 +55,16 @@ def run_worker(cfg: DictConfig) -> dict:
     lock = RunLock(Path(cfg.run.dir))
     try:
         refusal = None
-        if topology.is_main and HELD_ENV not in os.environ:  # a user's own torchrun: rank 0 locks
+        if topology.is_main and HELD_ENV not in os.environ:  # one process, or a user's own torchrun
             try:
                 lock.acquire()
+                (Path(cfg.run.dir) / EXIT_FILE).unlink(missing_ok=True)  # it describes the last run only
             except RunError as err:
-                refusal = err
+                refusal = _locked_out(err)
         refusal = from_main(refusal, topology)
         if refusal is not None:
             raise refusal
+        check_shared_run_dir(Path(cfg.run.dir), topology.rank, topology.world_size)
         validate(cfg, topology.world_size)
         if cfg.recipe is not None:
             from trainer.recipe import run_recipe
@@ -108,6 +74,13 @@ def run_worker(cfg: DictConfig) -> dict:
     finally:
         lock.release()
         topology.destroy()
+
+
+def _locked_out(err: RunError) -> RunError:
+    """Mark a refusal by another job's run.dir lock: its exit.json is that job's, not ours to write
+    (its batch script reads it when it ends)."""
+    err.locked_out = True
+    return err
 
 
 def _is_timeout(err: BaseException) -> bool:
@@ -137,27 +110,35 @@ def _ended(cfg: DictConfig, err: BaseException) -> int:
         print(f"stagecraft: rank {rank} failed:\n{''.join(traceback.format_exception(err))}", file=sys.stderr)
     elif rank == 0 or isinstance(err, CollectiveTimeout):
         print(f"stagecraft: error: {err}", file=sys.stderr)
-    if rank == 0 or isinstance(err, CollectiveTimeout):
+    record = json.dumps({"code": code, "error": type(err).__name__, "message": str(err)})
+    targets = []
+    if (rank == 0 or isinstance(err, CollectiveTimeout)) and not getattr(err, "locked_out", False):
         out = Path(cfg.run.dir)
         if out.is_dir():  # a config refused before anything ran leaves no directory behind
-            try:
-                (out / EXIT_FILE).write_text(json.dumps({"code": code, "error": type(err).__name__,
-                                                         "message": str(err)}))
-            except OSError:
-                pass
+            targets.append(out / EXIT_FILE)
+    if NODE_EXIT_ENV in os.environ and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        targets.append(Path(os.environ[NODE_EXIT_ENV]))  # for this node's launcher (node_rank > 0)
+    for path in targets:
+        try:
+            path.write_text(record)
+        except OSError:
+            pass
     return code
 
 
-def _exit_code_from_workers(cfg: DictConfig, torchrun_code: int) -> int:
-    """torchrun says only that a worker failed; rank 0 left the code and message in exit.json."""
-    path = Path(cfg.run.dir) / EXIT_FILE
-    try:
-        ended = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return torchrun_code
-    print(f"stagecraft: run ended with exit code {ended['code']}: {ended['message'].splitlines()[0]}",
-          file=sys.stderr)
-    return int(ended["code"]) or torchrun_code
+def _exit_code_from_workers(cfg: DictConfig, torchrun_code: int, node_file: Path) -> int:
+    """torchrun says only that a worker failed. Rank 0 left the code and message in exit.json; on
+    another node, this node's first worker left its own in ``node_file``."""
+    paths = [Path(cfg.run.dir) / EXIT_FILE, node_file] if cfg.cluster.node_rank == 0 else [node_file]
+    for path in paths:
+        try:
+            ended = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        print(f"stagecraft: run ended with exit code {ended['code']}: {ended['message'].splitlines()[0]}",
+              file=sys.stderr)
+        return int(ended["code"]) or torchrun_code
+    return torchrun_code
 
 
 def _require_model_path(cfg: DictConfig) -> None:
@@ -170,34 +151,81 @@ def _require_model_path(cfg: DictConfig) -> None:
                           "(model.path=/path/to/model)")
 
 
-def _main(cfg: DictConfig) -> None:
-    under_launcher = "LOCAL_RANK" in os.environ
-    world = cfg.cluster.nproc_per_node * cfg.cluster.nnodes
-    try:
-        # Resolved once here, so every worker and every stage of a recipe agrees on it.
-        cfg.run.dir = str(cfg.run.dir)
-        validate(cfg, None if under_launcher else world)  # the layout against the process count, once
-        _require_model_path(cfg)
-        check_paths(cfg)
-    except Exception as err:  # noqa: BLE001  (a bad config: its one-line message, its exit code)
-        raise SystemExit(_ended(cfg, err)) from None
-    if not under_launcher and world > 1:
-        from hydra.core.hydra_config import HydraConfig
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-        (Path(cfg.run.dir) / EXIT_FILE).unlink(missing_ok=True)
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _launch_node(cfg: DictConfig, rdzv) -> None:
+    """Start this node's torchrun and wait for it. Only node 0's launcher locks run.dir and clears
+    exit.json: the nodes of one job share run.dir, and the job is one holder of it."""
+    from trainer.launch.argv import hydra_argv
+    from trainer.launch.multinode import rendezvous_overrides
+
+    lock = None
+    if rdzv.node_rank == 0:
         try:
             lock = RunLock(Path(cfg.run.dir)).acquire()
         except RunError as err:
-            raise SystemExit(_ended(cfg, err)) from None
-        overrides = [*HydraConfig.get().overrides.task, f"run.dir={cfg.run.dir}"]
-        command = torchrun_command(cfg, overrides)
-        log.info("run.dir %s; launching: %s", cfg.run.dir, " ".join(command))
+            raise SystemExit(_ended(cfg, _locked_out(err))) from None
+        (Path(cfg.run.dir) / EXIT_FILE).unlink(missing_ok=True)
+    if not rdzv.master_port:  # one node (validate_cluster): a free port, picked now so the workers are told it
+        cfg.cluster.master_port = free_port()
+        rdzv = dataclasses.replace(rdzv, master_port=cfg.cluster.master_port)
+    overrides = [*hydra_argv(), f"run.dir={cfg.run.dir}", *rendezvous_overrides(rdzv)]
+    command = torchrun_command(cfg, overrides)
+    log.info("run.dir %s; node %d of %d; launching: %s", cfg.run.dir, rdzv.node_rank, rdzv.nnodes, " ".join(command))
+    with tempfile.TemporaryDirectory(prefix="stagecraft-node-") as scratch:
+        node_file = Path(scratch) / EXIT_FILE
         try:
-            code = launch(cfg, command)
+            code = launch(cfg, command, str(node_file))
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
         if code:
-            raise SystemExit(_exit_code_from_workers(cfg, code))
+            raise SystemExit(_exit_code_from_workers(cfg, code, node_file))
+
+
+def _main(cfg: DictConfig) -> None:
+    from trainer.launch import multinode
+
+    under_launcher = UNDER_LAUNCHER
+    try:
+        # Resolved once here, so every worker, node and stage of a recipe agrees on it.
+        cfg.run.dir = str(cfg.run.dir)
+        rdzv = None
+        if not under_launcher:
+            multinode.validate_cluster(cfg)
+            if cfg.cluster.launcher != "slurm":  # the submitting host is not part of the job
+                rdzv = multinode.resolve(cfg, os.environ)
+        world = cfg.cluster.nproc_per_node * cfg.cluster.nnodes
+        validate(cfg, None if under_launcher else world)  # the layout against the process count, once
+        _require_model_path(cfg)
+        check_paths(cfg)
+        if not under_launcher and _in_sweep():
+            from trainer.launch import sweep
+            from trainer.launch.argv import hydra_argv
+            from trainer.launch.slurm import job_args
+            from hydra.core.hydra_config import HydraConfig
+
+            sweep.record(cfg, list(HydraConfig.get().overrides.task), job_args(hydra_argv(), Path(cfg.run.dir)))
+            if cfg.cluster.launcher == "slurm":
+                return  # submitted as one job array when the multirun returns (trainer.launch.sweep.finish)
+        if not under_launcher and cfg.cluster.launcher == "slurm":
+            from trainer.launch import slurm
+            from trainer.launch.argv import hydra_argv
+
+            try:
+                RunLock(Path(cfg.run.dir)).acquire().release()  # refused now, not once the job starts
+            except RunError as err:
+                raise _locked_out(err) from None
+            raise SystemExit(slurm.submit_run(cfg, hydra_argv()))
+    except Exception as err:  # noqa: BLE001  (a bad config: its one-line message, its exit code)
+        raise SystemExit(_ended(cfg, err)) from None
+    if not under_launcher and world > 1:
+        _launch_node(cfg, rdzv)
         return
     try:
         result = run_worker(cfg)
@@ -208,9 +236,30 @@ def _main(cfg: DictConfig) -> None:
         log.info("run.dir: %s", cfg.run.dir)
 
 
+# ``stagecraft <name> ...``: tools with their own argparse front end (``--help`` lists their options);
+# any other first argument is a Hydra override of a training run. Each module has ``main(argv) -> int``.
+SUBCOMMANDS = {"data": "trainer.curation.cli", "plan": "trainer.launch.plan", "sweep": "trainer.launch.sweep",
+               "export": "trainer.export.cli", "eval": "trainer.evaluation.cli"}
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        import importlib
+
+        raise SystemExit(importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:]))
     register_configs()
-    hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")(_main)()
+    from trainer.launch import sweep
+
+    try:
+        hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")(_main)()
+    except BaseException:
+        sweep.finish(submit=False)  # a failed sweep queues nothing; a local one's summary shows how far it got
+        raise
+    try:
+        sweep.finish()  # after a multirun: submit a slurm sweep as a job array, or summarise a local one
+    except Exception as err:  # noqa: BLE001
+        print(f"stagecraft: error: {err}", file=sys.stderr)
+        raise SystemExit(exit_code_for(err)) from None
 
 
 if __name__ == "__main__":

@@ -171,6 +171,19 @@ class AnnotateStageConfig(StageConfig):
 
 
 @dataclass
+class CurateStageConfig(StageConfig):
+    """A data-curation tool over the stage's data (trainer/curation; docs/curation.md): its kept records
+    are the stage's dataset, for later stages to train on."""
+
+    type: str = "curate"
+    tool: str = "???"  # length-filter | reward-filter | dedup | select
+    reward_model: Optional[str] = None  # reward-filter: a reward stage's hf/ export
+    # The tool's options, named as its CLI flags with _ for - (e.g. {threshold: 80}). reward-filter's
+    # reward_model comes from the recipe stage's reward_model.
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class BenchmarkStageConfig(StageConfig):
     """Training throughput and memory: timed optimizer steps on random full-length sequences."""
 

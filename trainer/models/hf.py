@@ -28,6 +28,9 @@ def build_model(model_cfg: DictConfig, vocab_size: int, seed: int) -> PreTrained
                                                      attn_implementation=attn)
     else:
         overrides = OmegaConf.to_container(model_cfg.config, resolve=True)
+        # A published architecture's vocab_size (configs/model/llama3_8b.yaml: the planner sizes the
+        # embedding by it) yields to the tokenizer's: the embedding must match the tokenizer it runs with.
+        overrides.pop("vocab_size", None)
         config = AutoConfig.for_model(model_cfg.arch, vocab_size=vocab_size, **overrides)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

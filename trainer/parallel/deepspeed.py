@@ -73,9 +73,54 @@ def build_ds_config(parallel: DictConfig, optim: DictConfig, micro_batch_size: i
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if parallel.tp > 1:
-        config["tensor_parallel"] = {"autotp_size": parallel.tp}
     return config
+
+
+# DeepSpeed's own partition plan for Phi3 (transformers' plan for it needs `rowwise_split_input`, which
+# DeepSpeed refuses): the MLP is tensor-parallel, [gate_r; up_r] per rank so that Phi3MLP's chunk(2)
+# splits its local output correctly, and attention stays whole on every rank, because Phi3Attention
+# cuts its fused qkv output at config.num_attention_heads * head_dim, a global count from the shared
+# model config that no shard can change. Replicated weights see identical inputs and output gradients
+# on every TP rank, so their gradients agree without a reduction.
+_PHI3_PLAN = {"use_default_specs": False, "layer_specs": [
+    {"patterns": [r".*\.mlp\.gate_up_proj\.weight$"], "partition_type": "column", "shape": [2, -1],
+     "partition_dim": 0},
+    {"patterns": [r".*\.mlp\.down_proj\.weight$"], "partition_type": "row"},
+    {"patterns": [r".*\.self_attn\.(qkv|o)_proj\.weight$"], "partition_type": "skip"},
+    {"patterns": [r".*lm_head\.weight$"], "partition_type": "column", "gather_output": True}]}
+
+
+def autotp_section(hf_config, tp: int) -> dict[str, Any]:
+    """DeepSpeed's ``tensor_parallel`` config for a model of this transformers config, or a refusal.
+
+    DeepSpeed AutoTP follows the model's transformers tensor-parallel plan (``base_model_tp_plan``).
+    Two choices of ours:
+
+    - ``vocab_parallel_lm_head: false``. The stage losses read per-token log-probs from
+      full-vocabulary logits. For a tied embedding DeepSpeed's default shards the head by vocabulary
+      and swaps in its own loss, so each rank would see half the logits (measured on Qwen2:
+      ``IndexError: Target 294 is out of bounds``). With false, a tied head and its embedding stay
+      replicated (identical inputs, so identical gradients on every TP rank); an untied head is
+      column-parallel with gathered logits.
+    - Phi3 gets :data:`_PHI3_PLAN`. Any other plan with a style DeepSpeed cannot apply (fused
+      ``packed_colwise`` projections, ``rowwise_split_input``, expert parallel, ...) is refused here,
+      before the engine starts, with the alternatives.
+    """
+    from deepspeed.module_inject.tp_plan_converter import SUPPORTED_STYLES
+
+    section: dict[str, Any] = {"autotp_size": tp, "vocab_parallel_lm_head": False}
+    kind = getattr(hf_config, "model_type", "?")
+    if kind == "phi3":
+        return {**section, "partition_config": _PHI3_PLAN}
+    plan = getattr(hf_config, "base_model_tp_plan", None) or {}
+    unsupported = sorted({style for style in plan.values() if style.lower() not in SUPPORTED_STYLES})
+    if unsupported:
+        raise NotImplementedError(
+            f"parallel.tp: model.arch={kind!r} cannot use DeepSpeed AutoTP: its transformers tensor-parallel "
+            f"plan needs {', '.join(unsupported)}, which DeepSpeed {deepspeed.__version__} does not implement. "
+            f"Use parallel.tp=1 with ZeRO-3 (parallel=zero3), or parallel.strategy=megatron for llama, qwen2, "
+            f"mistral and nemotron")
+    return section
 
 
 def _to_universal(source: Path, output: Path) -> None:
@@ -137,6 +182,8 @@ class DeepSpeedStrategy:
             model.to(self.topology.device)
         self.grad_accum = grad_accum
         config = build_ds_config(self.parallel, optim, micro_batch_size, grad_accum)
+        if self.parallel.tp > 1:
+            config["tensor_parallel"] = autotp_section(model.config, self.parallel.tp)
         schedule = functools.partial(lr_multiplier, total_steps=total_steps, warmup_steps=optim.warmup_steps,
                                      schedule=optim.schedule, min_lr_ratio=optim.min_lr_ratio)
         # With AutoTP DeepSpeed builds its own TP/DP groups (consecutive ranks per TP group, the same
@@ -163,7 +210,7 @@ class DeepSpeedStrategy:
             "zero_optimization": {"stage": 3 if self.parallel.zero_stage == 3 else 0},
             "bf16": {"enabled": self.parallel.precision == "bf16"}, "steps_per_print": 10**9}
         if self.parallel.tp > 1:
-            config["tensor_parallel"] = {"autotp_size": self.parallel.tp}
+            config["tensor_parallel"] = autotp_section(model.config, self.parallel.tp)
         mpu = self.topology.mpu() if self.parallel.tp == 1 else None
         self.engine, _, _, _ = deepspeed.initialize(model=model, config=config, mpu=mpu, dist_init_required=False)
         self.engine.eval()

@@ -1,0 +1,1 @@
+"""Launching runs: planning a layout, torchrun and slurm entry points."""
