@@ -111,12 +111,12 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     if cfg.model.path is None and cfg.model.tokenizer is not None:
         raise ConfigError("model.tokenizer: set model.path too; a model built from config uses the embedded "
                           "tokenizer, whose vocabulary sets its embedding size")
-    if world_size is not None:
-        validate_layout(cfg, world_size)
-    if cfg.get("recipe") is not None:  # every stage of a recipe, before the first one starts
+    if cfg.get("recipe") is not None:  # every stage of a recipe (the root `stage` is not one of them)
         from trainer.recipe.plan import check_recipe
 
         check_recipe(cfg, world_size)
+    elif world_size is not None:
+        validate_layout(cfg, world_size)
 
 
 def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
