@@ -44,12 +44,14 @@ UNDER_LAUNCHER = "LOCAL_RANK" in os.environ
 def run_worker(cfg: DictConfig) -> dict:
     """One worker's whole job: process groups, the run.dir lock (rank 0), the check that every rank
     sees the same run.dir, then the stage or recipe."""
+    from trainer.logging import console
     from trainer.parallel import Topology
     from trainer.runtime.shared_fs import check_shared_run_dir
     from trainer.stages import get_stage
     from trainer.stages.common import from_main
 
     topology = Topology.initialize(cfg.parallel)
+    console.setup(topology.is_main)  # each warning once, one line on accelerators (trainer/logging/console.py)
     if not topology.is_main:  # one copy of the progress log, from rank 0; warnings from every rank
         logging.getLogger().setLevel(logging.WARNING)
     lock = RunLock(Path(cfg.run.dir))

@@ -327,7 +327,7 @@ def finish(cfg: DictConfig, topology: Topology, strategy, checkpoints: Checkpoin
     if cfg.checkpoint.export_hf:
         export_hf(strategy, tokenizer, out / "hf", topology)
         result["hf"] = str(out / "hf")
-    logger.close()
+    logger.close(result)  # rank 0 prints the stage's summary (trainer/logging/console.py)
     if topology.is_main:
         write_stage_result(out, result)
     topology.barrier()
