@@ -20,7 +20,7 @@ from pathlib import Path
 import trainer.curation
 from trainer.curation import TOOLS, longwriter_data, run_tool, tool_module
 from trainer.curation.common import flag
-from trainer.runtime.errors import exit_code_for
+from trainer.runtime.errors import report_failure
 
 _EPILOG = ("Reads chat {\"messages\"}, preference {\"prompt\",\"chosen\",\"rejected\"}, candidates "
            "{\"prompt\",\"responses\"} and prompt/response rows as the tool allows. Writes OUT/kept.jsonl, "
@@ -97,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         options = {k: v for k, v in vars(args).items() if k in names}
         report = run_tool(args.tool, args.inputs, args.output_dir, options)
     except Exception as err:  # noqa: BLE001  (bad input: one line and its code; anything else: a traceback)
-        code = exit_code_for(err)
-        if code == 1:
-            raise
-        print(f"stagecraft: error: {err}", file=sys.stderr)
-        return code
+        return report_failure("stagecraft", err)
     print(report["summary"])
     print(f"report: {Path(args.output_dir) / 'report.md'}")
     if report["output"]:

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.runtime.errors import BadInput, exit_code_for
+from trainer.runtime.errors import BadInput, report_failure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,11 +92,7 @@ def main(argv: list[str]) -> int:
     try:
         run(args)
     except Exception as err:  # noqa: BLE001  (a diagnosed error: its one-line message and exit code)
-        code = exit_code_for(err)
-        if code == 1:
-            raise
-        print(f"stagecraft eval: error: {err}", file=sys.stderr)
-        return code
+        return report_failure("stagecraft eval", err)
     return 0
 
 

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from trainer.export.gguf import FAMILIES, OUTTYPES
-from trainer.runtime.errors import exit_code_for
+from trainer.runtime.errors import report_failure
 
 FORMATS = ("gguf",)
 
@@ -40,11 +40,7 @@ def main(argv: list[str]) -> int:
     try:
         path = export_gguf(args.hf_dir, args.out, args.outtype)
     except Exception as err:  # noqa: BLE001  (a diagnosed error: its one-line message and exit code)
-        code = exit_code_for(err)
-        if code == 1:
-            raise
-        print(f"stagecraft export: error: {err}", file=sys.stderr)
-        return code
+        return report_failure("stagecraft export", err)
     print(path)
     return 0
 

@@ -65,3 +65,15 @@ def exit_code_for(err: BaseException) -> int:
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return CheckpointWriteError.code
     return 1
+
+
+def report_failure(prog: str, err: BaseException) -> int:
+    """For a subcommand's ``except`` block: a diagnosed error becomes one line on stderr
+    (``<prog>: error: ...``) and its exit code; anything else is re-raised with its traceback."""
+    code = exit_code_for(err)
+    if code == 1:
+        raise err
+    import sys
+
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    return code
