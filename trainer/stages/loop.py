@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,7 +51,6 @@ class Job:
     on_strategy: Callable[[Strategy], Callable[[], None] | None] | None = None  # a hook; returns its undo
     throughput: str = "tokens_per_s"  # the metric name of step()'s token count per second
     logged: tuple[str, ...] = ("eval_",)  # result keys also written to metrics.jsonl at the last step
-    extra: dict = field(default_factory=dict)  # anything setup wants to keep alive for the loop
 
 
 def train(cfg: DictConfig, topology: Topology, setup: Callable[[DictConfig, Topology, object], Job]) -> dict:

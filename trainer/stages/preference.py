@@ -190,7 +190,7 @@ def setup(cfg: DictConfig, topology: Topology, tokenizer) -> Job:
         make_batch=(functools.partial(pack_pairs, max_length=cfg.data.max_length, pad_id=pad_id) if stage.packing
                     else functools.partial(collate_pairs, pad_id=pad_id)),
         summary=lambda: {"loss": stage.loss, "reference_forward_pairs": ref_forwards[0]},
-        throughput="response_tokens_per_s", extra={"reference": ref_strategy})
+        throughput="response_tokens_per_s")
 
 
 def run(cfg: DictConfig, topology: Topology) -> dict:
