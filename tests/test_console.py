@@ -164,3 +164,35 @@ def test_the_recipe_reports_plots_join_the_same_group(tmp_path):
     assert wandb_group(cfg) == f"demo-{hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
     [artifact] = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     assert sorted(e.path for e in artifact.manifest.contents) == ["loss_curves.png", "report.md"]
+
+
+def test_a_recipe_run_logs_its_report_into_the_runs_group(tmp_path, cache_dir):
+    """Through the command: a one-stage recipe with wandb offline; the report's run joins the group of
+    the stage's run, with the report, the summary and the plots as its artifact."""
+    from omegaconf import OmegaConf
+
+    from trainer.logging.metrics import wandb_group
+
+    recipe = {"run": {"name": "tiny"}, "recipe": {
+        "name": "tiny", "eval": {"sources": ["chat"], "max_new_tokens": 2, "batch_size": 8},
+        "sources": {"chat": {"kind": "sft", "families": ["copy"], "n_train": 16, "n_eval": 8, "seed": 1}},
+        "stages": [{"name": "sft", "stage": "sft", "init": "base", "data": [{"source": "chat"}],
+                    "overrides": {"max_steps": 1, "eval_max_new_tokens": 0}}]}}
+    conf = tmp_path / "conf" / "recipe"
+    conf.mkdir(parents=True)
+    (conf / "tiny.yaml").write_text("# @package _global_\n" + yaml.safe_dump(recipe))
+    run_dir = tmp_path / "run"
+    run_stagecraft(run_dir, ["--config-dir", str(tmp_path / "conf"), "recipe=tiny", "logging.wandb_mode=offline"],
+                   cache_dir)
+    group = wandb_group(OmegaConf.create({"run": {"name": "tiny", "dir": str(run_dir)}}))
+    runs = {}
+    for directory in (run_dir, run_dir / "stages" / "sft"):
+        records = _finished_wandb_records(directory)
+        [info] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        runs[info.display_name] = (info.run_group, records)
+    assert {name: g for name, (g, _) in runs.items()} == {"report": group, "sft": group}
+    [artifact] = [r.artifact for r in runs["report"][1] if r.WhichOneof("record_type") == "artifact"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "plots" not in summary  # summary.json is written before plotting
+    assert sorted(e.path for e in artifact.manifest.contents) == ["accuracy.png", "loss_curves.png", "report.md",
+                                                                  "summary.json"]

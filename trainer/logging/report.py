@@ -87,7 +87,7 @@ def _plots(run_dir: Path, summary: dict) -> list[str]:
 def write_report(run_dir: Path, summary: dict, claims: list[dict]) -> dict:
     run_dir = Path(run_dir)
     summary = {**summary, "claims": check_claims(summary, claims)}
-    write_text_atomic(run_dir / "summary.json", dumps(summary, indent=2))
+    write_text_atomic(run_dir / "summary.json", dumps(summary, indent=2))  # before plotting can fail
     plots = _plots(run_dir, summary)
     lines = [f"# Recipe `{summary['recipe']}`", "", "Held-out evaluation of each stage's exported model "
              "(greedy-generation accuracy per task family; preference ranking accuracy on held-out pairs).", "",
@@ -103,4 +103,4 @@ def write_report(run_dir: Path, summary: dict, claims: list[dict]) -> dict:
     lines += [f"- {s['name']}: " + ", ".join(f"{k} {v:.1%}" for k, v in s["data_mix"].items()) for s in summary["stages"]]
     lines += [""] + [f"![{p}]({p})" for p in plots]
     write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
-    return summary
+    return {**summary, "plots": plots}  # the plots: for trainer.logging.metrics.log_report

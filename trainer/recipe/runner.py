@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpoint import write_text_atomic
 from trainer.logging.report import write_report
-from trainer.logging.metrics import dumps
+from trainer.logging.metrics import dumps, log_report
 from trainer.models import build_model
 from trainer.parallel.topology import Topology
 from trainer.recipe.data import source_files, stage_data
@@ -124,5 +124,6 @@ def run_recipe(cfg: DictConfig, topology: Topology) -> dict:
     }
     if topology.is_main:
         summary = write_report(run_dir, summary, OmegaConf.to_container(recipe.claims, resolve=True))
+        log_report(run_dir, cfg, summary["plots"])  # into the run's wandb group, beside the stages' runs
     topology.barrier()
     return summary
