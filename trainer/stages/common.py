@@ -127,10 +127,14 @@ def sharded_batches(items: list, batch_size: int, topology: Topology) -> Iterato
 
 
 def all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
-    """Sum over ``group`` in float64 (exact for token counts, steady for loss sums)."""
-    value = value.detach().to(torch.float64).clone()
+    """Sum over ``group`` in float64 (exact for token counts, steady for loss sums), on the CPU.
+
+    The stages accumulate eval sums on the CPU; NCCL reduces only CUDA tensors, so on an NCCL group
+    the value travels through the current CUDA device and comes back."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    value = value.detach().to(device=device, dtype=torch.float64, copy=True)
     dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
-    return value
+    return value.cpu()
 
 
 def all_reduce_sums(values: list[torch.Tensor], group) -> list[float]:
