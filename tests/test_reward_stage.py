@@ -212,3 +212,18 @@ def test_malformed_reward_record_names_file_and_line(trained, tmp_path):
                                                attributes)
     assert len(examples) == 2 and stats == {"records": 2, "skipped_bad": 1, "dropped_length": 0}
     assert examples[0]["target_mask"] == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_annotate_stops_on_a_signal_and_the_rerun_scores_the_rest(annotated, trained, pairs, tmp_path, cache_dir):
+    """SIGTERM after the second batch: exit 75 (preempted) with the two batches on disk and no output;
+    the same command then scores only the other 32 pairs."""
+    overrides = _annotate(trained, pairs)
+    stopped = run_stagecraft(tmp_path, overrides, cache_dir, env={"STAGECRAFT_SIGNAL_AFTER_STEP": "2"}, check=False)
+    assert stopped.returncode == 75, (stopped.stdout + stopped.stderr)[-2000:]
+    assert "stopped by SIGTERM" in stopped.stdout + stopped.stderr
+    stage = tmp_path / "stages/annotate"
+    assert len(read_part(stage / "parts/rank0-of-1.jsonl")) == 8
+    assert not (stage / "COMPLETE.json").exists() and not (stage / "annotated.jsonl").exists()
+    run_stagecraft(tmp_path, overrides, cache_dir)
+    result = _result(tmp_path, "annotate")
+    assert (result["scored_before"], result["scored_this_run"], result["scored"]) == (8, 32, 40)

@@ -34,6 +34,8 @@ from trainer.data.records import read_jsonl
 from trainer.data.tokenizer import load_tokenizer
 from trainer.models.reward import RewardModel, load_reward_model
 from trainer.parallel.topology import Topology
+from trainer.runtime import signals
+from trainer.runtime.errors import Preempted
 from trainer.stages import common
 
 log = logging.getLogger(__name__)
@@ -176,7 +178,15 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
                 part.write(json.dumps({"index": index, "chosen_reward": chosen, "rejected_reward": rejected}) + "\n")
             part.flush()
             common.maybe_inject_fault(b // size + 1)
+            # Ranks score different counts with no collective between batches, so each stops on its
+            # own signal here; what it scored is on disk and a rerun skips it.
+            if signals.requested():
+                break
     scored_now = common.all_reduce_sum(torch.tensor(float(len(todo))), None)
+    if signals.agreed(topology.world_size, topology.device):
+        why = signals.requested() or "a stop signal on another rank"
+        raise Preempted(f"stage {stage.name} stopped by {why}; the pairs scored so far are kept in {parts_dir}. "
+                        "Rerun the same command to resume")
     topology.barrier()
 
     # ---- merge -----------------------------------------------------------------------------------

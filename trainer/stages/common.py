@@ -7,6 +7,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -169,7 +170,8 @@ def save_config(cfg: DictConfig, directory: Path) -> None:
 def maybe_inject_fault(step: int, stage: str | None = None, rank: int = 0) -> None:
     """Fault injection for tests, after step N (``N`` for any stage, or ``<stage>:N``):
     ``STAGECRAFT_FAULT_AFTER_STEP`` kills the process without any cleanup, as a crash would;
-    ``STAGECRAFT_HANG_AFTER_STEP`` makes rank 1 hang. (Signals are sent from outside, by the tests.)"""
+    ``STAGECRAFT_HANG_AFTER_STEP`` makes rank 1 hang; ``STAGECRAFT_SIGNAL_AFTER_STEP`` sends this process
+    SIGTERM, as a scheduler would, for loops whose step boundaries a test cannot time from outside."""
     def matches(var: str) -> bool:
         return os.environ.get(var) in (str(step), f"{stage}:{step}")
 
@@ -177,6 +179,8 @@ def maybe_inject_fault(step: int, stage: str | None = None, rank: int = 0) -> No
         while not signals.requested():  # hung until torchrun, seeing rank 0 fail, signals it
             time.sleep(0.1)
         os._exit(1)
+    if matches("STAGECRAFT_SIGNAL_AFTER_STEP"):
+        os.kill(os.getpid(), signal.SIGTERM)
     if matches("STAGECRAFT_FAULT_AFTER_STEP"):
         sys.stdout.flush()
         sys.stderr.flush()
