@@ -78,3 +78,16 @@ def test_validate_plans_the_recipe():
     cfg.run.dir = "/tmp/unused"
     with pytest.raises(ConfigError, match=r"recipe\.stages\[3\] \(stage rm\): stage\.global_batch_size"):
         validate(cfg, 2)
+
+
+def test_a_shipped_recipe_without_its_data_names_the_missing_keys(tmp_path, cache_dir):
+    """The Nemotron recipe's sources are ``train: ???`` (the user's files): through the command, a run
+    that gives none is one error naming the source's key, exit 2, before any worker starts; a data
+    entry without its source names that key."""
+    run = tmp_path / "run"
+    done = run_stagecraft(run, ["recipe=nemotron4_340b"], cache_dir, check=False, tiny=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "recipe.sources.helpsteer2.train: source helpsteer2 has no data" in done.stderr
+    assert not (run / "stages").exists()
+    with pytest.raises(ConfigError, match=r"recipe\.stages\[0\]\.data\[0\]\.source: required but not given"):
+        validate(_compose(["recipe=demo", "recipe.stages.0.data=[{weight: 1.0}]"]), 2)

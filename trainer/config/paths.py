@@ -46,6 +46,7 @@ def check_paths(cfg: DictConfig) -> None:
     elif model_path is not None:
         check_tokenizer_dir("model.path", model_path, hint="; set model.tokenizer to a tokenizer directory")
     if cfg.get("recipe") is not None:
+        _check_sources(cfg.recipe)
         return
     reference = _path(cfg, "stage", "reference")
     if reference is not None:
@@ -140,3 +141,19 @@ def _check_safetensors(key: str, file: Path) -> None:
             handle.metadata()
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"{key}: {file} is not a readable safetensors file ({e})") from None
+
+
+def _check_sources(recipe: DictConfig) -> None:
+    """Every recipe source a stage or the eval reads has data: files that exist, or synthetic task families. (The shipped recipes
+    write ``train: ???`` for the user's files; merged onto the schema's empty list it reads as none.)"""
+    used = {d.source for st in recipe.stages for d in st.data} | set(recipe.eval.sources if recipe.eval.enabled else ())
+    for name, source in recipe.sources.items():
+        if name not in used:
+            continue
+        if not source.train and not source.families:
+            raise ConfigError(f"recipe.sources.{name}.train: source {name} has no data; give its files "
+                              f"(recipe.sources.{name}.train=[/path/train.jsonl]) or synthetic task families")
+        for split in ("train", "eval"):
+            for path in source[split]:
+                if not Path(path).exists():
+                    raise ConfigError(f"recipe.sources.{name}.{split}: no such file or directory: {path}")

@@ -29,6 +29,19 @@ def positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: must be {bound}; got {value!r}")
 
 
+def required(cfg: DictConfig) -> None:
+    """A ``???`` left in the composed config (a model path, a recipe's data files) is one error naming
+    every such key, before any worker starts, rather than a traceback from the first worker to read it."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: required but not given (??? in the config){_also(missing)}; set it on "
+                          f"the command line, e.g. {missing[0]}=<value>")
+
+
+def _also(keys: list[str]) -> str:
+    return f"; also missing: {', '.join(keys[1:])}" if len(keys) > 1 else ""
+
+
 def _get(cfg: DictConfig, key: str):
     node = cfg
     for part in key.split("."):
@@ -40,6 +53,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     """Check cross-field rules; ``world_size`` adds the parallel-layout checks once it is known."""
     from trainer.stages.registry import stage_type
 
+    required(cfg)
     kind = stage_type(cfg.stage.type)
     try:
         # Hydra's `+key=value` opens the struct flag; re-merging onto the schema (with the stage
