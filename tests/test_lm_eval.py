@@ -154,3 +154,20 @@ def test_synthetic_mc_items_have_one_right_answer_among_distinct_choices():
         assert [verify(item["family"], item["question"], c) for c in item["choices"]].count(True) == 1
         assert verify(item["family"], item["question"], item["choices"][item["answer"]])
     assert sorted({i["answer"] for i in items}) == [0, 1, 2, 3]  # the right answer is not always first
+
+
+def test_the_recipe_eval_length_score_is_the_mean_s_l_of_the_same_generations(trained, monkeypatch):
+    """recipe.eval.length_following's metric (prompts sharded over data-parallel ranks; here one rank,
+    so the sum over ranks is the identity): the mean S_l and produced/required of the two records that
+    ask for a length, as computed by hand above."""
+    from types import SimpleNamespace
+
+    from trainer.recipe import evaluate
+
+    monkeypatch.setattr(evaluate, "all_reduce_sum", lambda value, group: value)
+    topology = SimpleNamespace(dp_rank=0, dp=1, dp_group=None)
+    found = evaluate.length_following(trained["model"].eval(), trained["tokenizer"], [r for r, _ in LENGTH_RECORDS],
+                                      48, topology)
+    assert found["length_scored"] == 2
+    assert found["length_score"] == pytest.approx((100 * (1 - (12 / 7 - 1) / 2) + 100) / 2)
+    assert found["length_ratio"] == pytest.approx((7 / 12 + 5 / 5) / 2)

@@ -150,9 +150,9 @@ def _check_sources(recipe: DictConfig) -> None:
     for name, source in recipe.sources.items():
         if name not in used:
             continue
-        if not source.train and not source.families:
+        if not source.train and not source.families and not source.generator:
             raise ConfigError(f"recipe.sources.{name}.train: source {name} has no data; give its files "
-                              f"(recipe.sources.{name}.train=[/path/train.jsonl]) or synthetic task families")
+                              f"(recipe.sources.{name}.train=[/path/train.jsonl]), synthetic task families or a generator")
         for split in ("train", "eval"):
             for path in source[split]:
                 if not Path(path).exists():

@@ -39,6 +39,9 @@ class ModelConfig:
     config: Dict[str, Any] = field(default_factory=dict)
     # Vocabulary of the embedded SentencePiece tokenizer (ignored when a tokenizer path is given).
     embedded_vocab_size: int = 512
+    # What the embedded tokenizer is trained on: "tasks" (the synthetic task families), or "longwriter"
+    # (those plus LongWriter-style English prose, so its words are whole tokens; see configs/recipe/longwriter.yaml).
+    embedded_corpus: str = "tasks"
     attn_implementation: str = "sdpa"
 
 
@@ -266,6 +269,10 @@ class DataSourceConfig:
     n_train: int = 1024
     n_eval: int = 64
     seed: int = 0
+    # synthetic chat data without task families: "longwriter" writes LongWriter-style long-output
+    # records (trainer/curation/longwriter_data.py), `options` its arguments (p_truncated, ...).
+    generator: Optional[str] = None
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -302,6 +309,10 @@ class RecipeEvalConfig:
     sources: List[str] = field(default_factory=list)
     max_new_tokens: int = 24
     batch_size: int = 16
+    # Chat sources of `sources` scored by LongWriter's length following (S_l of greedy generations,
+    # docs/evaluation.md) instead of task accuracy, generating up to `length_max_new_tokens`.
+    length_following: List[str] = field(default_factory=list)
+    length_max_new_tokens: int = 1024
 
 
 @dataclass

@@ -182,18 +182,30 @@ def verify(family: str, prompt: str, response: str) -> bool:
     return _family(family).check(prompt, response.strip())
 
 
-def corpus_text(seed: int = 0, n: int = 4000) -> list[str]:
-    """Lines for training a tokenizer: samples of every family plus the chat template's markers.
+CORPORA = ("tasks", "longwriter")
+
+
+def corpus_text(seed: int = 0, n: int = 4000, corpus: str = "tasks") -> list[str]:
+    """Lines for training a tokenizer: samples of every family plus the chat template's markers, and
+    for ``corpus="longwriter"`` English LongWriter-style instructions and prose as well (so a tiny
+    model writes words, not letters: trainer/curation/longwriter_data.py).
 
     Prompts and answers are separate lines because in a rendered chat each starts right after a
     newline (no leading space), which is how the tokenizer will later see them.
     """
+    if corpus not in CORPORA:
+        raise ValueError(f"model.embedded_corpus: must be one of {', '.join(CORPORA)}; got {corpus!r}")
     rng = random.Random(seed)
     names = list(TASK_FAMILIES)
     lines = [" ".join(CHAT_MARKERS), "system user assistant"]
     for i in range(n):
         prompt, answer = make_sample(names[i % len(names)], rng)
         lines += [prompt, answer]
+    if corpus == "longwriter":
+        from trainer.curation.longwriter_data import generate  # curation builds on data, not the reverse
+
+        records, _ = generate(200, seed, p_chinese=0.0, min_required=100, max_required=300)
+        lines += [m["content"] for r in records for m in r["messages"]]
     return lines
 
 

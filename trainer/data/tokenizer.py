@@ -60,7 +60,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_embedded_tokenizer(vocab_size: int, cache_dir: str | Path, seed: int = 0) -> PreTrainedTokenizerBase:
+def build_embedded_tokenizer(vocab_size: int, cache_dir: str | Path, seed: int = 0,
+                             corpus: str = "tasks") -> PreTrainedTokenizerBase:
     """Train (or reuse from cache) a SentencePiece BPE tokenizer and wrap it for `transformers`.
 
     Training: BPE (trains ~20x faster than unigram here and keeps whole template words such as
@@ -76,7 +77,7 @@ def build_embedded_tokenizer(vocab_size: int, cache_dir: str | Path, seed: int =
     explicitly, the pipeline reproduces spm's segmentation exactly (tested), `save_pretrained` writes
     tokenizer.json + chat_template.jinja, and `AutoTokenizer.from_pretrained` reloads the same thing.
     """
-    lines = corpus_text(seed)
+    lines = corpus_text(seed, corpus=corpus)
     key = _cache_key(vocab_size, seed, lines)
     final = Path(cache_dir) / key
     if not (final / MODEL_FILE).is_file():

@@ -90,15 +90,19 @@ def length_following_score(model_dir: str | Path, records: list[dict], max_new_t
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # CPUs are slow at bf16
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype).to(device)
     model.eval()
-    items, skipped = [], 0
-    for record in records:
-        required = _required(record)
-        if required is None or required <= 0:
-            skipped += 1
-            continue
-        response = generate(model, tokenizer, _messages(record), max_new_tokens)
-        produced = produced_length(response)
-        items.append({"required": required, "produced": produced, "score": length_score(required, produced),
-                      "response": response})
-    score = sum(i["score"] for i in items) / len(items) if items else None
-    return {"score": score, "n": len(items), "skipped": skipped, "items": items}
+    items = [score_record(model, tokenizer, record, max_new_tokens) for record in records]
+    scored = [i for i in items if i is not None]
+    score = sum(i["score"] for i in scored) / len(scored) if scored else None
+    return {"score": score, "n": len(scored), "skipped": len(items) - len(scored), "items": scored}
+
+
+def score_record(model, tokenizer, record: dict, max_new_tokens: int) -> dict | None:
+    """``{"required", "produced", "score", "response"}`` for one record, or None when it asks for no
+    length. (The recipe's per-stage eval calls this on each rank's share of the prompts.)"""
+    required = _required(record)
+    if required is None or required <= 0:
+        return None
+    response = generate(model, tokenizer, _messages(record), max_new_tokens)
+    produced = produced_length(response)
+    return {"required": required, "produced": produced, "score": length_score(required, produced),
+            "response": response}

@@ -34,7 +34,7 @@ def _fmt(value) -> str:
 def _table(summary: dict) -> list[str]:
     rows = [("base", "—", summary["base"]["eval"], {})] + [
         (s["name"], s["type"], s["eval"], s["result"]) for s in summary["stages"]]
-    metrics = sorted({k for _, _, e, _ in rows for k in e if k.endswith("accuracy") or k.endswith("response_tokens")})
+    metrics = sorted({k for _, _, e, _ in rows for k in e if k.endswith(("accuracy", "response_tokens", "length_score"))})
     lines = ["| stage | type | " + " | ".join(metrics) + " | steps |",
              "|" + "---|" * (len(metrics) + 3)]
     for name, kind, evals, result in rows:

@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from trainer.data.records import read_jsonl
 from trainer.data.synthetic import write_jsonl
@@ -27,16 +27,27 @@ def source_files(name: str, source: DictConfig, data_dir: Path) -> tuple[list[Pa
     """The source's train / eval files, writing synthetic ones under ``data_dir/sources`` if needed."""
     if source.train:
         return [Path(p) for p in source.train], [Path(p) for p in source.eval]
-    if not source.families:
-        raise ValueError(f"recipe.sources.{name}: give train files or synthetic families")
+    if not source.families and not source.generator:
+        raise ValueError(f"recipe.sources.{name}: give train files, synthetic families or a generator")
     out = data_dir / "sources"
     train, eval_ = out / f"{name}_train.jsonl", out / f"{name}_eval.jsonl"
     if not (train.is_file() and eval_.is_file()):
         out.mkdir(parents=True, exist_ok=True)
-        generate = SYNTHETIC[source.kind]
-        write_jsonl(train, generate(source.n_train, source.seed, list(source.families)))
-        write_jsonl(eval_, generate(source.n_eval, source.seed + 1_000_003, list(source.families)))
+        generate = _generator(source)
+        write_jsonl(train, generate(source.n_train, source.seed))
+        # A different seed stream, so held-out prompts are new draws, not the training ones.
+        write_jsonl(eval_, generate(source.n_eval, source.seed + 1_000_003))
     return [train], [eval_]
+
+
+def _generator(source: DictConfig) -> Callable[[int, int], list[dict]]:
+    """``(n, seed) -> records`` of a synthetic source: its kind's task-family generator, or LongWriter's."""
+    if source.generator == "longwriter":
+        from trainer.curation.longwriter_data import generate
+
+        options = OmegaConf.to_container(source.options, resolve=True)
+        return lambda n, seed: generate(n, seed, **options)[0]
+    return lambda n, seed: SYNTHETIC[source.kind](n, seed, list(source.families))
 
 
 def _records(files: list[Path]) -> list[dict]:

@@ -1,7 +1,8 @@
 """The evaluation a recipe runs after every stage, on the stage's exported model.
 
 Each recipe eval source is measured on its held-out split: greedy-generation accuracy per task family
-for chat sources, chosen-vs-rejected ranking accuracy for preference sources, and mean response
+for chat sources (or LongWriter's length score, for the sources in ``recipe.eval.length_following``),
+chosen-vs-rejected ranking accuracy for preference sources, and mean response
 length; a reward model's export is measured on how it ranks the preference sources' held-out pairs. The exported HF model runs in plain torch on every rank, prompts sharded over data-parallel
 ranks (fine for the models a recipe's per-stage eval is meant for; large runs set recipe.eval.enabled=false
 and rely on the stages' own sharded evals).
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from trainer.data.preference import tokenize_pair
 from trainer.data.records import read_jsonl
 from trainer.data.tokenizer import load_tokenizer
+from trainer.evaluation.length_following import score_record
 from trainer.losses import token_logps
 from trainer.parallel.topology import Topology
 from trainer.models.reward import load_reward_model
@@ -62,7 +64,9 @@ def evaluate_model(hf_dir: Path, sources: dict[str, tuple[str, list[Path]]], eva
     metrics: dict[str, float] = {}
     for name, (kind, files) in sources.items():
         records = [r for path in files for r in read_jsonl(path, lambda r: None)[0]]
-        if kind == "sft":
+        if name in eval_cfg.length_following:
+            found = length_following(runner.module, tokenizer, records, eval_cfg.length_max_new_tokens, topology)
+        elif kind == "sft":
             found = generation_accuracy(runner, records, tokenizer, topology, eval_cfg.max_new_tokens,
                                         eval_cfg.batch_size)
         else:
@@ -71,6 +75,20 @@ def evaluate_model(hf_dir: Path, sources: dict[str, tuple[str, list[Path]]], eva
             found = {k.removeprefix("eval_"): v for k, v in ranking_metrics(table).items()}
         metrics.update({f"{name}/{k}": v for k, v in found.items()})
     return metrics
+
+
+def length_following(model, tokenizer, records: list[dict], max_new_tokens: int, topology: Topology) -> dict:
+    """LongWriter's S_l of greedy generations (trainer/evaluation/length_following.py) over the records
+    that ask for a length, one prompt at a time on each data-parallel rank's share: ``length_score``
+    (mean S_l, 0-100), ``length_ratio`` (mean produced / required) and ``length_scored``. A collective."""
+    sums = torch.zeros(3, dtype=torch.float64)  # [S_l, produced / required, scored]
+    for ids, chunk in sharded_batches(records, 1, topology):
+        item = score_record(model, tokenizer, chunk[0], max_new_tokens)
+        if ids and item is not None:
+            sums += torch.tensor([item["score"], item["produced"] / item["required"], 1.0], dtype=torch.float64)
+    sums = all_reduce_sum(sums, topology.dp_group)
+    n = max(1.0, sums[2].item())
+    return {"length_score": sums[0].item() / n, "length_ratio": sums[1].item() / n, "length_scored": int(sums[2])}
 
 
 @torch.no_grad()

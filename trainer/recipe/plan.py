@@ -233,6 +233,14 @@ def check_recipe(cfg: DictConfig, world_size: int | None) -> list[PlannedStage]:
     from trainer.config.validate import validate
 
     stages = plan(cfg.recipe)
+    for name, source in cfg.recipe.sources.items():
+        if source.generator not in (None, "longwriter"):
+            raise ConfigError(f"recipe.sources.{name}.generator: must be longwriter or null; got {source.generator!r}")
+        if source.generator and source.kind != "sft":
+            raise ConfigError(f"recipe.sources.{name}.kind: the longwriter generator writes chat (sft) records")
+    unknown = set(cfg.recipe.eval.length_following) - set(cfg.recipe.eval.sources)
+    if unknown:
+        raise ConfigError(f"recipe.eval.length_following: {', '.join(sorted(unknown))} not in recipe.eval.sources")
     placeholder = {st.name: Path(cfg.run.dir) / "stages" / st.name / "hf" for st in stages}
     for st in stages:
         try:

@@ -45,7 +45,8 @@ def build_tokenizer(cfg: DictConfig):
     source = cfg.model.tokenizer or cfg.model.path
     if source is not None:
         return load_tokenizer(source)
-    return build_embedded_tokenizer(cfg.model.embedded_vocab_size, Path(cfg.data.cache_dir) / "tokenizers")
+    return build_embedded_tokenizer(cfg.model.embedded_vocab_size, Path(cfg.data.cache_dir) / "tokenizers",
+                                    corpus=cfg.model.embedded_corpus)
 
 
 # The synthetic generator of each data kind, and the file prefix it is written under.
