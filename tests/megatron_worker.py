@@ -255,7 +255,7 @@ def _dpo(opts: dict, topology) -> dict:
     table_sum = None
     if not online:
         table, _ = reference.pair_logps_table(ref, pairs, pad, mbs, topology)
-        reference.attach(pairs, table, stage.average_logps)
+        pairs = reference.attach(pairs, table, stage.average_logps)
         table_sum = table[:, :2].sum().item()
         del ref
 

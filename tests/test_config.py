@@ -71,6 +71,8 @@ def test_default_is_the_embedded_tiny_model_on_synthetic_data():
     (["stage=reward", "stage.attribute_weights=[1.0]"], "stage.attribute_weights"),
     (["stage=benchmark", "stage.timed_steps=0"], "stage.timed_steps"),
     (["parallel=megatron_tp2pp2", "stage.packing=true"], "stage.packing"),
+    (["parallel=megatron_tp2pp2", "stage=dpo", "stage.prefix_sharing=true"], "stage.prefix_sharing"),
+    (["parallel.logits_chunk_tokens=-1"], "parallel.logits_chunk_tokens"),
     (["parallel=megatron_tp2pp2", "parallel.cp=2"], "parallel.cp"),
     (["parallel=megatron_tp2pp2", "stage.neftune_alpha=5"], "stage.neftune_alpha"),
 ])

@@ -67,7 +67,10 @@ def test_megatron_pipeline_matches_deepspeed(dpo_reference, tmp_path, cache_dir,
     run_stagecraft(tmp_path, ["stage=dpo", *_data(pairs_file), *SIX, "parallel=megatron_tp2pp2", "parallel.tp=1",
                               "stage.micro_batch_size=2"], cache_dir, nproc=2, script=MEGATRON_CLI)
     for key in ("loss", "pref_loss", "margin", "reward_accuracy", "logps_chosen", "grad_norm"):
-        assert_series_close(_series(dpo_reference, key), _series(tmp_path, key),
+        # At step 1 policy == reference: each margin is 0 up to float noise, and the cached reference came
+        # from deepspeed's prompt-shared layout, megatron's from padded rows, so that accuracy is a coin flip.
+        skip = 1 if key == "reward_accuracy" else 0
+        assert_series_close(_series(dpo_reference, key)[skip:], _series(tmp_path, key)[skip:],
                             tol=1e-4 if key == "grad_norm" else 1e-5)
     ref, got = _result(dpo_reference), _result(tmp_path)
     # Before training every implicit margin is 0 up to float noise, so the before-accuracy is a coin
@@ -100,9 +103,15 @@ def test_online_reference_equals_cached(dpo_reference, tmp_path, cache_dir, pair
     assert_series_close(_series(dpo_reference, "loss"), _series(tmp_path, "loss"))
 
 
-def test_packed_pairs_give_the_unpacked_losses(dpo_reference, tmp_path, cache_dir, pairs_file):
-    run_stagecraft(tmp_path, ["stage=dpo", *_data(pairs_file), *SIX, "stage.micro_batch_size=8",
-                              "stage.packing=true"], cache_dir)
+@pytest.mark.parametrize("layout", [
+    ["stage.packing=false", "stage.prefix_sharing=false"],  # right-padded rows c_0..c_n, r_0..r_n
+    ["stage.packing=true", "stage.prefix_sharing=false"],  # packed, every prompt twice
+    ["stage.packing=false", "stage.prefix_sharing=true"],  # one prompt-shared pair a row
+])
+def test_every_pair_layout_gives_the_default_losses(dpo_reference, tmp_path, cache_dir, pairs_file, layout):
+    """The default (prompt shared, packed; deepspeed) against each other layout, the padded one included."""
+    run_stagecraft(tmp_path, ["stage=dpo", *_data(pairs_file), *SIX, "stage.micro_batch_size=8", *layout],
+                   cache_dir)
     assert_series_close(_series(dpo_reference, "loss"), _series(tmp_path, "loss"))
     assert_series_close(_series(dpo_reference, "logps_chosen"), _series(tmp_path, "logps_chosen"), tol=1e-4)
 

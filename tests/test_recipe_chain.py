@@ -76,10 +76,12 @@ def test_rpo_trains_on_the_reward_models_own_scores(chain):
     assert annotate["scored"] == 32 and annotate["kept"] == 0
     # Every training pair of the RPO stage carries the reward model's reward of each side, as the
     # model scores it here, in this process, independently of the annotate stage's sharding.
-    trained_on = [json.loads(line) for line in (chain / "data" / "rpo_train.jsonl").read_text().splitlines()]
+    data = yaml.safe_load((chain / "stages/rpo/config.yaml").read_text())["data"]
+    assert len(data["train"]) == 1 and not data["mix"]  # one source: the annotate stage's file, as it is
+    trained_on = [json.loads(line) for line in Path(data["train"][0]).read_text().splitlines()]
     assert len(trained_on) == 32
     model, tokenizer = load_reward_model(str(chain / "stages/rm/hf")), load_tokenizer(str(chain / "stages/rm/hf"))
-    max_length = yaml.safe_load((chain / "stages/rpo/config.yaml").read_text())["data"]["max_length"]
+    max_length = data["max_length"]
     scores = score_pairs(model.eval(), tokenizer, trained_on, max_length, torch.device("cpu"))
     got = torch.tensor([[r["chosen_reward"], r["rejected_reward"]] for r in trained_on], dtype=torch.float64)
     assert torch.allclose(got, torch.tensor(scores, dtype=torch.float64), atol=1e-5)
@@ -105,7 +107,7 @@ def test_a_curate_stage_feeds_sft_its_kept_records(tmp_path, cache_dir):
         "stages": [
             {"name": "filtered", "stage": "curate", "data": [{"source": "long"}],
              "overrides": {"tool": "length-filter", "options": {"threshold": 80}}},
-            {"name": "sft", "stage": "sft", "init": "base", "data": [{"source": "filtered"}],
+            {"name": "sft", "stage": "sft", "init": "base", "data": [{"source": "filtered"}], "gguf": ["f16"],
              "overrides": {**SMALL, "max_steps": 1}}]}}
     conf = tmp_path / "conf" / "recipe"
     conf.mkdir(parents=True)
@@ -120,8 +122,17 @@ def test_a_curate_stage_feeds_sft_its_kept_records(tmp_path, cache_dir):
 
     expected = [r for r in records if keeps(r)]
     assert 0 < len(expected) < len(records)
-    trained_on = [json.loads(line) for line in (run / "data" / "sft_train.jsonl").read_text().splitlines()]
+    train = yaml.safe_load((run / "stages/sft/config.yaml").read_text())["data"]["train"]
+    trained_on = [json.loads(line) for path in train for line in Path(path).read_text().splitlines()]
     key = lambda r: json.dumps(r["messages"], sort_keys=True)  # noqa: E731
     assert sorted(map(key, trained_on)) == sorted(map(key, expected))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stages"][0]["eval"]["data/kept"] == len(expected)
+    # The stage's gguf step wrote its export beside hf/, every tensor of the HF model in it.
+    import gguf
+    from safetensors import safe_open
+
+    (written,) = summary["stages"][1]["gguf"]
+    assert written == str(run / "stages/sft/sft-f16.gguf")
+    with safe_open(run / "stages/sft/hf/model.safetensors", "pt") as f:
+        assert len(gguf.GGUFReader(written).tensors) == len(list(f.keys()))

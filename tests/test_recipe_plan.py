@@ -48,6 +48,8 @@ def test_demo_chains_reward_model_annotate_and_rpo():
      r"recipe\.stages\[4\] \(stage rpo_1\): stage\.global_batch_size: 12 must be a multiple of "
      r"stage\.micro_batch_size \* dp = 8 \* 2"),
     (["recipe.stages.4.overrides.beta=-1"], r"recipe\.stages\[4\] \(stage rpo_1\): stage\.beta: must be > 0"),
+    (["recipe.stages.3.gguf=[f16]"], r"recipe\.stages\[3\]\.gguf: only a stage that produces a policy model"),
+    (["recipe.stages.2.gguf=[q5]"], r"recipe\.stages\[2\]\.gguf: 'q5' is not one of f16, bf16, q8_0, q4_k_m"),
 ])
 def test_bad_wiring_and_bad_stage_configs_fail_at_plan_time(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -75,7 +75,11 @@ def test_bad_jsonl_line_is_skipped_and_counted_by_policy(tmp_path, cache_dir):
     run_stagecraft(run, ["data=jsonl", f"data.train=[{path}]", "data.on_bad_record=skip", "stage.max_steps=2",
                          "checkpoint.export_hf=false"], cache_dir)
     result = json.loads((run / "stages/sft/COMPLETE.json").read_text())
-    assert result["train_data"] == {"records": 24, "skipped_bad": 1, "dropped_length": 0}
+    stats = result["train_data"]
+    assert {k: stats[k] for k in ("records", "skipped_bad", "dropped_length")} == {
+        "records": 24, "skipped_bad": 1, "dropped_length": 0}
+    # Tokenised once, by rank 0, into the shared cache (trainer/data/cache.py).
+    assert stats["cache"] == "built" and stats["tokenized_ranks"] == 1
 
 
 def test_activation_checkpointing_matches_reference(reference, tmp_path, cache_dir):
@@ -84,9 +88,10 @@ def test_activation_checkpointing_matches_reference(reference, tmp_path, cache_d
     assert_series_close(losses(reference), losses(tmp_path), 1e-5)
 
 
-def test_packed_sft_matches_reference(reference, tmp_path, cache_dir):
-    """Several conversations per row (position ids restart, attention kept within each): same losses."""
-    run_stagecraft(tmp_path, [*STEPS, "stage.micro_batch_size=8", "stage.packing=true"], cache_dir)
+def test_padded_sft_matches_packed_default(reference, tmp_path, cache_dir):
+    """The default packs several conversations per row (position ids restart, attention kept within
+    each); right-padded rows give the same losses."""
+    run_stagecraft(tmp_path, [*STEPS, "stage.micro_batch_size=8", "stage.packing=false"], cache_dir)
     assert_series_close(losses(reference), losses(tmp_path), 1e-5)
 
 

@@ -54,11 +54,24 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class MixSourceConfig:
+    """One source of ``data.mix`` (trainer/data/mixing.py)."""
+    train: List[str] = field(default_factory=list)
+    weight: float = 1.0
+    max_samples: int = -1  # cap on the examples drawn from this source; -1: none
+
+
+@dataclass
 class DataConfig:
     # JSONL files (chat format, see docs/data.md). Empty: the project's synthetic generator writes
     # them under <run.dir>/data/.
     train: List[str] = field(default_factory=list)
     eval: List[str] = field(default_factory=list)
+    # Weighted sources instead of data.train: the largest weight used whole, the others in proportion
+    # to it, drawn by run.seed by index over each source's tokenised cache, never written out as a
+    # mixed file (trainer/data/mixing.py; docs/data.md). The realised shares are in train_data.mix.
+    mix: List[MixSourceConfig] = field(default_factory=list)
+    mix_seed: int = "${run.seed}"  # type: ignore[assignment]  # an interpolation, resolved to an int
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     max_length: int = 128
     truncation: str = "right"  # right | left | drop
@@ -84,6 +97,11 @@ class ParallelConfig:
     precision: str = "fp32"  # fp32 | bf16
     offload_optimizer: bool = False
     activation_checkpointing: bool = False
+    # Chunked LM head (deepspeed strategy): per-token log-probs are computed this many tokens at a
+    # time from the final hidden states, so full-vocabulary logits never exist for a whole micro-batch
+    # (trainer/losses/chunked.py). A micro-batch of at most this many tokens takes the plain path. 0:
+    # always full logits. Ignored with parallel.tp > 1 (AutoTP) and by megatron (vocab-parallel logits).
+    logits_chunk_tokens: int = 1024
     device: str = "auto"  # auto | cpu | cuda
     backend: str = "auto"  # auto | gloo | nccl
     # How long a collective may wait for the other ranks before the run fails with exit code 5 (a rank
@@ -117,8 +135,9 @@ class StageConfig:
     loss_reduction: str = "token"
     neftune_alpha: float = 0.0
     # Pack several sequences into each row of a micro-batch (attention kept within each sequence):
-    # same losses, less padding.
-    packing: bool = False
+    # same losses, less padding. null (auto): on where the strategy supports it (deepspeed), off
+    # with megatron (no per-sequence attention mask there); the reward stage always pads.
+    packing: Optional[bool] = None
     eval_every: int = 0
     # Consecutive steps with a non-finite loss or gradient norm (each skipped, not applied) after which
     # the stage stops with exit code 3, keeping its last good checkpoint and exporting nothing.
@@ -150,6 +169,10 @@ class PreferenceStageConfig(StageConfig):
     # cached: one reference forward over the data before training, stored on disk and reused;
     # online: keep the reference model and run it every step.
     reference_mode: str = "cached"
+    # Prompt sharing (trainer/data/prefix_sharing.py): prompt, chosen and rejected in one row, the prompt
+    # computed once, for the policy and the reference. null (auto): on with deepspeed, off with megatron.
+    # When on it replaces stage.packing's layout (its rows are packed too).
+    prefix_sharing: Optional[bool] = None
 
 
 @dataclass
@@ -299,6 +322,9 @@ class RecipeStageConfig:
     # it scores its own training pairs first (an `<name>_annotate` stage is planned before it).
     reward_model: Optional[str] = None
     repeat: int = 1
+    # GGUF files written from the stage's export once it completes (policy stages), beside its hf/:
+    # any of f16, bf16, q8_0, q4_k_m (the last needs llama.cpp), e.g. [q8_0].
+    gguf: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -69,9 +69,11 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     choice(cfg, "parallel.precision", ("fp32", "bf16"))
     choice(cfg, "parallel.device", ("auto", "cpu", "cuda"))
     choice(cfg, "parallel.backend", ("auto", "gloo", "nccl"))
+    positive(cfg, "parallel.logits_chunk_tokens", allow_zero=True)
     choice(cfg, "stage.loss_reduction", ("token", "sample"))
     choice(cfg, "stage.optim.schedule", ("cosine", "constant"))
     choice(cfg, "data.truncation", ("right", "left", "drop"))
+    _check_mix(cfg)
     choice(cfg, "data.on_bad_record", ("error", "skip"))
     choice(cfg, "logging.wandb_mode", ("offline", "online", "disabled"))
     choice(cfg, "checkpoint.on_change", ("refuse", "restart", "resume"))
@@ -122,6 +124,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         if cfg.stage.get("packing", False):
             raise ConfigError("stage.packing: packed rows need a per-sequence attention mask, which "
                               "parallel.strategy=megatron does not build; set stage.packing=false")
+        if cfg.stage.get("prefix_sharing", False):
+            raise ConfigError("stage.prefix_sharing: prompt-shared rows need a 4D attention mask, which "
+                              "parallel.strategy=megatron does not build; set stage.prefix_sharing=false")
     if cfg.model.path is None and cfg.model.tokenizer is not None:
         raise ConfigError("model.tokenizer: set model.path too; a model built from config uses the embedded "
                           "tokenizer, whose vocabulary sets its embedding size")
@@ -131,6 +136,19 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         check_recipe(cfg, world_size)
     elif world_size is not None:
         validate_layout(cfg, world_size)
+
+
+def _check_mix(cfg: DictConfig) -> None:
+    mix = cfg.data.get("mix") or []
+    if mix and cfg.data.train:
+        raise ConfigError("data.mix: give the training files either as data.train or as data.mix sources, not both")
+    for i, source in enumerate(mix):
+        if not source.train:
+            raise ConfigError(f"data.mix[{i}].train: a mix source needs at least one file")
+        if not source.weight > 0:
+            raise ConfigError(f"data.mix[{i}].weight: must be > 0, got {source.weight}")
+        if source.max_samples < -1:
+            raise ConfigError(f"data.mix[{i}].max_samples: -1 (no cap) or a count >= 0, got {source.max_samples}")
 
 
 def data_parallel_size(cfg: DictConfig, world_size: int) -> int:

@@ -9,7 +9,6 @@ line number. Records that parse but are later dropped (too long) are named by `D
 
 from __future__ import annotations
 
-import codecs
 import json
 import logging
 import re
@@ -57,36 +56,18 @@ def read_jsonl_lines(
     path: str | Path, validate: Callable[[dict], None], on_bad_record: str = "error"
 ) -> tuple[list[tuple[int, dict]], int]:
     """`read_jsonl` that keeps each record's 1-based line number: ([(lineno, record), ...], n_skipped).
+    Any format of trainer/data/sources.py is read too (its location, e.g. "row 7", in place of the line).
 
     Why: a record dropped after reading (e.g. too long once tokenised) should be named by `path:line`
     too, so loaders that drop records use this and hand the line to `DropLog.add`.
-    The file is read as bytes and each line decoded here, so one undecodable line is one bad record
+    The file is read as bytes and each line decoded on its own (trainer/data/sources.py), so one undecodable line is one bad record
     (`path:line: invalid UTF-8 ...`) instead of a `UnicodeDecodeError` for the whole file. Lines end at
     b"\n" (JSON Lines; a trailing "\r" is JSON whitespace); a UTF-8 BOM on line 1 is ignored.
     """
-    if on_bad_record not in ON_BAD_RECORD:
-        raise ValueError(f"on_bad_record must be one of {', '.join(ON_BAD_RECORD)}, got {on_bad_record!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    rows: list[tuple[int, dict]] = []
-    n_skipped = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)
-            result = _check_bytes(raw, validate)
-            if result is None:
-                continue
-            if isinstance(result, dict):
-                rows.append((lineno, result))
-                continue
-            message = f"{path}:{lineno}: {result}"
-            if on_bad_record == "error":
-                raise DataError(message)
-            logger.warning("skipping bad record: %s", message)
-            n_skipped += 1
-    return rows, n_skipped
+    from trainer.data.sources import RecordStream  # sources builds on this module's record checks
+
+    stream = RecordStream(path, validate, on_bad_record)
+    return list(stream), stream.skipped
 
 
 def _check_bytes(raw: bytes, validate: Callable[[dict], None]) -> dict | str | None:
@@ -123,6 +104,11 @@ def _check_line(line: str, validate: Callable[[dict], None]) -> dict | str:
         return f"expected a JSON object, got {type(record).__name__}"
     if _SURROGATE_ESCAPE.search(line) and _has_lone_surrogate(record):
         return "invalid JSON: a string holds an unpaired surrogate escape (\\uD800-\\uDFFF), not valid Unicode"
+    return checked(record, validate)
+
+
+def checked(record: dict, validate: Callable[[dict], None]) -> dict | str:
+    """``record`` if ``validate`` accepts it, else the reason it is bad."""
     try:
         validate(record)
     except ValueError as e:
@@ -174,11 +160,12 @@ class DropLog:
         self.limit = limit
         self.count = 0
 
-    def add(self, path: str | Path, lineno: int, reason: str) -> None:
-        """Count one dropped record; log it while fewer than `limit` have been logged."""
+    def add(self, path: str | Path, lineno: int | str, reason: str) -> None:
+        """Count one dropped record; log it while fewer than `limit` have been logged. `lineno` is a line
+        number, or a location such as "row 7" for a columnar file (trainer/data/sources.py)."""
         self.count += 1
         if self.count <= self.limit:
-            logger.warning("%s:%d: %s (record dropped for %s)", path, lineno, reason, self.kind)
+            logger.warning("%s:%s: %s (record dropped for %s)", path, lineno, reason, self.kind)
 
     def summary(self) -> str:
         """One line for the end: what was not named individually, or the total; "" if nothing was dropped."""

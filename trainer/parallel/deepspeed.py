@@ -32,7 +32,9 @@ from deepspeed.runtime.utils import is_model_parallel_parameter
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
+from trainer.data.prefix_sharing import attention_bias
 from trainer.losses import token_logps
+from trainer.losses.chunked import chunked_token_logps
 from trainer.parallel.schedule import lr_multiplier
 from trainer.parallel.strategy import LossFn, poison_nonfinite
 from trainer.parallel.topology import Topology
@@ -232,15 +234,36 @@ class DeepSpeedStrategy:
     def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(labels | context) per position, [B, T]; differentiable (no_grad is the caller's).
 
-        A packed batch (``position_ids`` restarting per sequence, no ``attention_mask``) is passed as
-        such: transformers then confines attention to each sequence (trainer.data.packing)."""
-        if "position_ids" in batch:
-            logits = self.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                 use_cache=False).logits
+        Three layouts: padded rows (``attention_mask``); packed rows (``position_ids`` restarting per
+        sequence, no ``attention_mask``: transformers confines attention to each sequence,
+        trainer.data.packing); prompt-shared rows (``block``/``branch``: a 4D additive mask built here,
+        trainer.data.prefix_sharing). With ``parallel.logits_chunk_tokens`` > 0 and a micro-batch of more
+        tokens than that, the head runs chunk by chunk on the decoder's hidden states
+        (trainer.losses.chunked); AutoTP (tp > 1) keeps full logits, its head is wrapped by DeepSpeed."""
+        if "branch" in batch:
+            dtype = torch.bfloat16 if self.parallel.precision == "bf16" else torch.float32
+            inputs = {"position_ids": batch["position_ids"],
+                      "attention_mask": attention_bias(batch["block"], batch["branch"], dtype)}
+        elif "position_ids" in batch:
+            inputs = {"position_ids": batch["position_ids"]}
         else:
-            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False).logits
-        return token_logps(logits, batch["labels"])
+            inputs = {"attention_mask": batch["attention_mask"]}
+        chunk = self.parallel.logits_chunk_tokens if self.parallel.tp == 1 else 0
+        tokens = batch["input_ids"].numel()
+        if chunk > 0 and self.parallel.zero_stage == 3 and self.topology.dp > 1:
+            # Each head call gathers ZeRO-3 partitions (a collective): all ranks take the same path and
+            # make the same number of calls, set by the largest micro-batch (one scalar all-reduce).
+            most = torch.tensor(tokens, device=self.topology.device)
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX, group=self.topology.dp_group)
+            tokens = int(most.item())
+        if chunk <= 0 or tokens <= chunk:
+            return token_logps(self.engine(input_ids=batch["input_ids"], use_cache=False, **inputs).logits,
+                               batch["labels"])
+        # The decoder alone (HF ``get_decoder()``: the CausalLM minus its head); its modules' ZeRO-3 hooks
+        # gather their partitions as in a full forward, and the head's hooks do the same per chunk.
+        hidden = self.module.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
+        return chunked_token_logps(hidden, self.module.get_output_embeddings(), batch["labels"], chunk,
+                                   num_chunks=-(-tokens // chunk))
 
     def outputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """What the stage's loss consumes: per-token log-probs [B, T] for a CausalLM; for a model

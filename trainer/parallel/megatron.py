@@ -269,6 +269,9 @@ class MegatronStrategy:
     # ---- forward / backward ------------------------------------------------------------------------
     def _run(self, batches: list[dict[str, torch.Tensor]], loss_func: Callable, forward_only: bool) -> list:
         """Megatron's schedule over ``batches``; returns what ``loss_func`` stored on the last stage."""
+        if any("branch" in b for b in batches):
+            raise NotImplementedError("stage.prefix_sharing: prompt-shared batches need a 4D attention mask, which "
+                                      "parallel.strategy=megatron does not build; set stage.prefix_sharing=false")
         if any("seq_id" in b or "position_ids" in b for b in batches):
             # Plain causal attention would let a packed sequence attend to the ones before it.
             raise NotImplementedError("stage.packing: packed batches (position_ids / seq_id) need a "

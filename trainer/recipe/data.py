@@ -1,20 +1,22 @@
-"""A recipe's data: named sources materialised as JSONL, and per-stage weighted mixes with replay.
+"""A recipe's data: named sources (synthetic ones written as JSONL once), and per-stage weighted
+mixes with replay.
 
 The largest-weight source of a stage's mix is used whole; every other source contributes
-``round(n_primary * w / w_primary)`` records drawn without replacement (with replacement only when the
-source is smaller than its share), so ``general: 0.98, code: 0.02`` replays about 2 % code samples.
-Everything is a function of the recipe seed: rerunning a recipe rebuilds byte-identical files.
+``round(n_primary * w / w_primary)`` examples (trainer/data/mixing.py), so ``general: 0.98, code: 0.02``
+replays about 2 % code samples. A training stage draws its mix by index over each source's tokenised
+cache (``data.mix``); only a stage that produces a dataset gets the mix written as JSONL. Everything is a
+function of the recipe seed.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.data.mixing import mix_counts, mix_index, proportions
 from trainer.data.records import read_jsonl
 from trainer.data.synthetic import write_jsonl
 from trainer.stages.common import SYNTHETIC
@@ -55,21 +57,11 @@ def _records(files: list[Path]) -> list[dict]:
 
 
 def mix(parts: list[tuple[str, float, list[dict]]], seed: int) -> tuple[list[dict], dict[str, float]]:
-    """Mixed, shuffled records and the realised proportion of each source."""
-    rng = random.Random(seed)
-    primary_name, primary_weight, primary = max(parts, key=lambda p: p[1])
-    chosen: list[tuple[str, dict]] = [(primary_name, r) for r in primary]
-    for name, weight, records in parts:
-        if name == primary_name:
-            continue
-        k = round(len(primary) * weight / primary_weight)
-        picks = rng.sample(records, k) if k <= len(records) else [rng.choice(records) for _ in range(k)]
-        chosen += [(name, r) for r in picks]
-    rng.shuffle(chosen)
-    counts = {name: 0 for name, _, _ in parts}
-    for name, _ in chosen:
-        counts[name] += 1
-    return [r for _, r in chosen], {name: c / len(chosen) for name, c in counts.items()}
+    """Mixed, shuffled records and the realised proportion of each source (the rule of
+    trainer/data/mixing.py, which training stages apply by index without writing anything)."""
+    sizes = [len(records) for _, _, records in parts]
+    pairs = mix_index(sizes, mix_counts(sizes, [weight for _, weight, _ in parts]), seed)
+    return [parts[s][2][i] for s, i in pairs], proportions(pairs, [name for name, _, _ in parts])
 
 
 def stage_data(stage_name: str, mix_spec: tuple[tuple[str, float], ...],
@@ -92,3 +84,32 @@ def stage_data(stage_name: str, mix_spec: tuple[tuple[str, float], ...],
     write_jsonl(path, records)
     (data_dir / f"{stage_name}_mix.json").write_text(json.dumps(proportions, indent=2))
     return path, evals, proportions
+
+
+def stage_train(st, files: Callable[[str], tuple[list[Path], list[Path]]], data_dir: Path, topology,
+                seed: int) -> tuple[list[Path], list[dict]]:
+    """What a stage trains on, as ``(data.train, data.mix)``: one source's files as they are; several
+    sources as a ``data.mix`` the stage draws by index (trainer/data/mixing.py), nothing written. A
+    stage that produces a dataset (annotate, curate) reads records, not tokenised examples, so for it
+    rank 0 writes the mix as JSONL (``stage_data``) and the other ranks wait."""
+    from trainer.stages.registry import DATASET
+
+    if len(st.data) == 1:
+        return files(st.data[0][0])[0], []
+    if st.produces != DATASET:
+        return [], [{"train": [str(p) for p in files(name)[0]], "weight": weight, "max_samples": -1}
+                    for name, weight in st.data]
+    if topology.is_main:
+        stage_data(st.name, st.data, files, data_dir, seed)
+    topology.barrier()
+    return [data_dir / f"{st.name}_train.jsonl"], []
+
+
+def realised_mix(st, result: dict, data_dir: Path) -> dict[str, float]:
+    """The share of each source in what the stage trained on, by source name."""
+    if len(st.data) == 1:
+        return {st.data[0][0]: 1.0}
+    shares = result.get("train_data", {}).get("mix")
+    if shares:  # keyed data.mix[i] (file), in the order of st.data
+        return {name: share for (name, _), share in zip(st.data, shares.values())}
+    return json.loads((data_dir / f"{st.name}_mix.json").read_text())

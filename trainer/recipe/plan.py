@@ -42,6 +42,7 @@ class PlannedStage:
     iteration: int  # 1-based within a repeated stage
     key: str  # the recipe key it came from, for error messages
     data_kind: str | None = None  # the record format of its data (and of the dataset it produces)
+    gguf: tuple[str, ...] = ()  # GGUF types written from its export when it completes
 
     @property
     def produces(self) -> str | None:
@@ -196,10 +197,32 @@ def plan(recipe: DictConfig) -> list[PlannedStage]:
             if config.type == "preference":
                 reference = artifacts.resolve(spec.reference if k == 1 else "previous", POLICY, f"{key}.reference")
             st = PlannedStage(name=name, type=config.type, config=config, init=init, reference=reference,
-                              reward_model=reward_model, data=data, iteration=k, key=key, data_kind=data_kind)
+                              reward_model=reward_model, data=data, iteration=k, key=key, data_kind=data_kind,
+                              gguf=_gguf_types(spec, kind.produces, key))
             _check_rewards(recipe, st)
             _add(artifacts, st)
     return artifacts.stages
+
+
+def _gguf_types(spec, produces: str | None, key: str) -> tuple[str, ...]:
+    from trainer.export.gguf import OUTTYPES
+
+    types = tuple(spec.gguf)
+    if types and produces != POLICY:
+        raise ConfigError(f"{key}.gguf: only a stage that produces a policy model can be written as GGUF; "
+                          f"{spec.stage} produces {produces or 'nothing'}")
+    for t in types:
+        if t not in OUTTYPES:
+            raise ConfigError(f"{key}.gguf: {t!r} is not one of {', '.join(OUTTYPES)}")
+    if "q4_k_m" in types:
+        from trainer.runtime.errors import BadInput
+        from trainer.export.quantize import require_quantizer
+
+        try:
+            require_quantizer()
+        except BadInput as e:  # refused at planning, not after the stage trained
+            raise ConfigError(f"{key}.gguf: q4_k_m: {e}") from None
+    return types
 
 
 def _add(artifacts: _Artifacts, st: PlannedStage) -> None:
@@ -208,9 +231,10 @@ def _add(artifacts: _Artifacts, st: PlannedStage) -> None:
     artifacts.stages.append(st)
 
 
-def stage_config(cfg: DictConfig, st: PlannedStage, exports: dict[str, Path], train: Path, evals: list[Path]
-                 ) -> DictConfig:
-    """The root config as the stage loop expects it: this stage's config, model, reward model, data."""
+def stage_config(cfg: DictConfig, st: PlannedStage, exports: dict[str, Path], train: list[Path], evals: list[Path],
+                 mix: list[dict] | None = None) -> DictConfig:
+    """The root config as the stage loop expects it: this stage's config, model, reward model, data
+    (``train`` files, or the ``mix`` of sources the stage draws by index, trainer/data/mixing.py)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("recipe")
     stage_cfg = OmegaConf.create(plain)
@@ -222,7 +246,9 @@ def stage_config(cfg: DictConfig, st: PlannedStage, exports: dict[str, Path], tr
         stage_cfg.stage.reference = path(st.reference)
     if st.reward_model is not None:
         stage_cfg.stage.reward_model = path(st.reward_model)
-    stage_cfg.data.train = [str(train)]
+    stage_cfg.data.train = [str(p) for p in train]
+    stage_cfg.data.mix = mix or []
+    stage_cfg.data.mix_seed = cfg.run.seed + st.iteration
     stage_cfg.data.eval = [str(p) for p in evals]
     return stage_cfg
 
@@ -244,7 +270,7 @@ def check_recipe(cfg: DictConfig, world_size: int | None) -> list[PlannedStage]:
     placeholder = {st.name: Path(cfg.run.dir) / "stages" / st.name / "hf" for st in stages}
     for st in stages:
         try:
-            validate(stage_config(cfg, st, {"base": Path(cfg.run.dir), **placeholder}, Path("train.jsonl"), []),
+            validate(stage_config(cfg, st, {"base": Path(cfg.run.dir), **placeholder}, [Path("train.jsonl")], []),
                      world_size)
         except ConfigError as err:
             raise ConfigError(f"{st.key} (stage {st.name}): {err}") from None

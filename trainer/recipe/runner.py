@@ -20,7 +20,7 @@ from trainer.logging.report import write_report
 from trainer.logging.metrics import dumps, log_report
 from trainer.models import build_model
 from trainer.parallel.topology import Topology
-from trainer.recipe.data import source_files, stage_data
+from trainer.recipe.data import realised_mix, source_files, stage_train
 from trainer.recipe.evaluate import evaluate_model, evaluate_reward_model
 from trainer.recipe.plan import PlannedStage, plan, stage_config
 from trainer.stages import common, get_stage
@@ -45,6 +45,20 @@ def _base_model(cfg: DictConfig, topology: Topology) -> Path:
         tmp.rename(out)
     topology.barrier()
     return out
+
+
+def _write_gguf(st: PlannedStage, hf_dir: Path, topology: Topology) -> list[str]:
+    """The stage's ``gguf`` files beside its export, written by rank 0; a file already there is
+    complete (each is written atomically), so a rerun writes only what is missing."""
+    from trainer.export.gguf import default_output, export_gguf
+
+    paths = [default_output(hf_dir, t) for t in st.gguf]
+    if topology.is_main:
+        for t, path in zip(st.gguf, paths):
+            if not path.is_file():
+                export_gguf(hf_dir, path, t)
+    topology.barrier()
+    return [str(p) for p in paths]
 
 
 def _evaluate(cfg: DictConfig, st: PlannedStage | None, hf_dir: Path | None, result: dict,
@@ -97,29 +111,25 @@ def run_recipe(cfg: DictConfig, topology: Topology) -> dict:
         return datasets[source] if source in datasets else source_files(source, recipe.sources[source], data_dir)
 
     evals = {"base": _evaluate(cfg, None, exports["base"], {}, topology)}
-    results, mixes = {}, {}
+    results, mixes, ggufs = {}, {}, {}
     for st in stages:
-        # Rank 0 writes the stage's mix (deterministic: a rerun rewrites the same bytes) once the
-        # artifacts it draws on exist; the other ranks wait and read.
-        if topology.is_main:
-            stage_data(st.name, st.data, files, data_dir, cfg.run.seed + st.iteration)
-        topology.barrier()
-        train = data_dir / f"{st.name}_train.jsonl"
         eval_files = [p for s, _ in st.data for p in files(s)[1]]
-        mixes[st.name] = json.loads((data_dir / f"{st.name}_mix.json").read_text())
+        train, mix = stage_train(st, files, data_dir, topology, cfg.run.seed + st.iteration)
+        results[st.name] = get_stage(st.type)(stage_config(cfg, st, exports, train, eval_files, mix), topology)
+        mixes[st.name] = realised_mix(st, results[st.name], data_dir)
         log.info("stage %s (%s): data mix %s", st.name, st.type, mixes[st.name])
-        results[st.name] = get_stage(st.type)(stage_config(cfg, st, exports, train, eval_files), topology)
         if st.produces == DATASET:
             datasets[st.name] = ([Path(results[st.name]["output"])], eval_files)
         elif "hf" in results[st.name]:
             exports[st.name] = Path(results[st.name]["hf"])
+            ggufs[st.name] = _write_gguf(st, exports[st.name], topology)
         evals[st.name] = _evaluate(cfg, st, exports.get(st.name), results[st.name], topology)
     summary = {
         "recipe": recipe.name,
         "base": {"model": str(exports["base"]), "eval": evals["base"]},
         "stages": [{"name": st.name, "type": st.type, "produces": st.produces, "init": st.init,
                     "reference": st.reference, "reward_model": st.reward_model, "data_mix": mixes[st.name],
-                    "result": results[st.name], "eval": evals[st.name]}
+                    "result": results[st.name], "eval": evals[st.name], "gguf": ggufs.get(st.name, [])}
                    for st in stages],
     }
     if topology.is_main:

@@ -99,11 +99,23 @@ def stage_identity(cfg: DictConfig) -> dict:
         value = OmegaConf.select(cfg, key)
         if value:
             items[f"{key}#content"] = model_fingerprint(Path(value))
-    for split in ("train", "eval"):
-        for i, path in enumerate(cfg.data[split]):
-            path = Path(path)
-            items[f"data.{split}[{i}]#content"] = file_hash(path) if path.is_file() else f"missing:{path}"
+    named = {f"data.{split}[{i}]": p for split in ("train", "eval") for i, p in enumerate(cfg.data[split])}
+    for k, source in enumerate(cfg.data.get("mix") or []):
+        named.update({f"data.mix[{k}].train[{i}]": p for i, p in enumerate(source.train)})
+    for key, path in named.items():
+        items[f"{key}#content"] = data_fingerprint(Path(path))
     return items
+
+
+def data_fingerprint(path: Path) -> str:
+    """The content hash of a data path: a file's bytes, or every file of a datasets directory."""
+    if path.is_file():
+        return file_hash(path)
+    if path.is_dir() and (path / "state.json").is_file():
+        from trainer.data.sources import data_files_of
+
+        return digest([file_hash(f) for f in data_files_of(path)])
+    return f"missing:{path}"
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.checkpoint import CheckpointManager, export_hf, write_text_atomic
 from trainer.checkpoint.manager import MARKER
 from trainer.data.chat import TemplateError, tokenize_chat
-from trainer.data.records import DataError, DropLog, read_jsonl_lines, validate_chat_record
+from trainer.data.cache import build_cache, cache_key, open_cache
+from trainer.data.mixing import MixedDataset, mix_counts, mix_index, proportions
+from trainer.data.records import DataError, DropLog, validate_chat_record
+from trainer.data.sources import RecordStream, data_files_of
 from trainer.data.preference import synthetic_preference_records, synthetic_reward_records
 from trainer.data.synthetic import generate_chat_records, write_jsonl
 from trainer.data.tokenizer import build_embedded_tokenizer, load_tokenizer
@@ -57,8 +60,8 @@ SYNTHETIC = {"sft": generate_chat_records, "preference": synthetic_preference_re
 def data_files(cfg: DictConfig, topology: Topology, kind: str = "sft") -> tuple[list[Path], list[Path]]:
     """The train / eval JSONL files; with none configured, rank 0 writes the synthetic ``kind`` ones
     (again whenever ``data.synthetic`` differs from what wrote the files on disk)."""
-    if cfg.data.train:
-        return [Path(p) for p in cfg.data.train], [Path(p) for p in cfg.data.eval]
+    if cfg.data.train or cfg.data.mix:
+        return [Path(p) for p in cfg.data.train] + mix_files(cfg.data), [Path(p) for p in cfg.data.eval]
     syn = cfg.data.synthetic
     out = Path(cfg.run.dir) / "data"
     train, eval_ = out / f"{kind}_train.jsonl", out / f"{kind}_eval.jsonl"
@@ -77,42 +80,109 @@ def data_files(cfg: DictConfig, topology: Topology, kind: str = "sft") -> tuple[
     return [train], [eval_]
 
 
-def tokenized_records(paths: list[Path], validate: Callable[[dict], None], tokenize: Callable[[dict], dict | None],
-                      data_cfg: DictConfig) -> tuple[list[dict], dict]:
-    """Every valid record of ``paths`` through ``tokenize`` (None: it does not fit), and counts of what
-    was dropped. A bad record, or one the chat template refuses, names ``file:line`` and stops the run
-    or is skipped and counted (``data.on_bad_record``); the first records dropped for length are named
-    too."""
-    examples: list[dict] = []
-    stats = {"records": 0, "skipped_bad": 0, "dropped_length": 0}
+def mix_files(data_cfg: DictConfig) -> list[Path]:
+    """Every file of ``data.mix``, in order."""
+    return [Path(p) for source in data_cfg.get("mix") or [] for p in source.train]
+
+
+def train_examples(cfg: DictConfig, train_files: list[Path],
+                   load: Callable[[list[Path]], tuple[Sequence[dict], dict]]) -> tuple[Sequence[dict], dict]:
+    """The training examples: ``load(train_files)``; with ``data.mix``, each source loaded on its own
+    (its own tokenised cache) and mixed by index (trainer/data/mixing.py), nothing written. The stats
+    add up the sources' read counts and give the realised share of each source under ``mix``."""
+    if not cfg.data.mix:
+        return load(train_files)
+    loaded = [load([Path(p) for p in source.train]) for source in cfg.data.mix]
+    sizes = [len(examples) for examples, _ in loaded]
+    counts = mix_counts(sizes, [s.weight for s in cfg.data.mix], [s.max_samples for s in cfg.data.mix])
+    pairs = mix_index(sizes, counts, cfg.data.mix_seed)
+    stats: dict = {}
+    for _, part in loaded:
+        for key, value in part.items():
+            if isinstance(value, int):
+                stats[key] = stats.get(key, 0) + value
+    caches = {part.get("cache") for _, part in loaded}
+    if caches - {None}:
+        stats["cache"] = "hit" if caches == {"hit"} else "built"
+    names = [f"data.mix[{i}] ({Path(s.train[0]).name})" for i, s in enumerate(cfg.data.mix)]
+    stats["mix"] = proportions(pairs, names)
+    log.info("training mix of %d examples: %s", len(pairs),
+             ", ".join(f"{name} {share:.3f}" for name, share in stats["mix"].items()))
+    return MixedDataset([examples for examples, _ in loaded], pairs), stats
+
+
+def _stream_examples(paths: list[Path], validate: Callable[[dict], None], tokenize: Callable[[dict], dict | None],
+                     data_cfg: DictConfig, stats: dict) -> Iterator[dict]:
+    """Every valid record of ``paths`` (any format of trainer/data/sources.py) through ``tokenize``,
+    streamed; ``stats`` is filled in as the stream is consumed."""
     drops = DropLog("length")
     for path in paths:
-        rows, skipped = read_jsonl_lines(path, validate, data_cfg.on_bad_record)
-        stats["skipped_bad"] += skipped
-        for lineno, record in rows:
+        stream = RecordStream(path, validate, data_cfg.on_bad_record)
+        for where, record in stream:
             stats["records"] += 1
             try:
                 example = tokenize(record)
             except TemplateError as err:
                 if data_cfg.on_bad_record == "error":
-                    raise DataError(f"{path}:{lineno}: {err}") from None
-                log.warning("skipping bad record: %s:%d: %s", path, lineno, err)
+                    raise DataError(f"{path}:{where}: {err}") from None
+                log.warning("skipping bad record: %s:%s: %s", path, where, err)
                 stats["skipped_bad"] += 1
                 continue
             if example is None:
-                drops.add(path, lineno, f"does not fit data.max_length={data_cfg.max_length} "
-                                        f"(data.truncation={data_cfg.truncation})")
+                drops.add(path, where, f"does not fit data.max_length={data_cfg.max_length} "
+                                       f"(data.truncation={data_cfg.truncation})")
             else:
-                examples.append(example)
+                yield example
+        stats["skipped_bad"] += stream.skipped
     drops.log_summary()
     stats["dropped_length"] = drops.count
-    return examples, stats
 
 
-def tokenized_chat_dataset(paths: list[Path], tokenizer, data_cfg: DictConfig) -> tuple[list[dict], dict]:
-    """Every record of ``paths`` tokenised with its assistant mask, and counts of what was dropped."""
+def tokenized_records(paths: list[Path], validate: Callable[[dict], None], tokenize: Callable[[dict], dict | None],
+                      data_cfg: DictConfig, cache: dict | None = None,
+                      topology: Topology | None = None) -> tuple[Sequence[dict], dict]:
+    """Every valid record of ``paths`` through ``tokenize`` (None: it does not fit), and counts of what
+    was dropped. A bad record, or one the chat template refuses, names ``file:line`` (``file:row N`` for
+    Parquet / datasets directories) and stops the run or is skipped and counted
+    (``data.on_bad_record``); the first records dropped for length are named too.
+
+    With ``cache`` (``{"kind", "options", "tokenizer"}``) and a ``topology``, the examples come from the
+    memory-mapped cache of trainer/data/cache.py: rank 0 builds it when missing or invalid, the other
+    ranks wait and map it; the stats then also hold ``cache`` ("hit" or "built") and
+    ``tokenized_ranks`` (how many ranks tokenised, summed over the world). Without, a list as before."""
+    stats = {"records": 0, "skipped_bad": 0, "dropped_length": 0}
+    if cache is None or topology is None:
+        examples = list(_stream_examples(paths, validate, tokenize, data_cfg, stats))
+        return examples, stats
+    files = [f for p in paths for f in data_files_of(p)]
+    key = cache_key(cache["kind"], cache.get("options", {}), files, cache["tokenizer"],
+                    data_cfg.max_length, data_cfg.truncation)
+    directory = Path(data_cfg.cache_dir) / "tokenized" / key
+    built = 0
+    if topology.is_main and open_cache(directory, key) is None:
+        log.info("tokenising %s into %s", ", ".join(map(str, paths)), directory)
+        build_cache(directory, _stream_examples(paths, validate, tokenize, data_cfg, stats), lambda: stats, key)
+        built = 1
+    topology.barrier()
+    dataset = open_cache(directory, key)
+    if dataset is None:
+        raise RuntimeError(f"tokenised cache {directory} is missing or invalid after rank 0 built it "
+                           "(data.cache_dir must be one filesystem every rank sees)")
+    tokenised = built
+    if topology.world_size > 1:
+        tokenised = int(all_reduce_sum(torch.tensor(float(built)), None).item())
+    dataset.stats.update(cache="built" if from_main(built, topology) else "hit", tokenized_ranks=tokenised,
+                         cache_dir=str(directory))
+    return dataset, dataset.stats
+
+
+def tokenized_chat_dataset(paths: list[Path], tokenizer, data_cfg: DictConfig,
+                           topology: Topology | None = None) -> tuple[Sequence[dict], dict]:
+    """Every record of ``paths`` tokenised with its assistant mask, and counts of what was dropped
+    (through the shared tokenised cache when ``topology`` is given)."""
+    cache = {"kind": "chat", "tokenizer": tokenizer} if topology is not None else None
     return tokenized_records(paths, validate_chat_record, lambda record: tokenize_chat(
-        tokenizer, record["messages"], data_cfg.max_length + 1, data_cfg.truncation), data_cfg)
+        tokenizer, record["messages"], data_cfg.max_length + 1, data_cfg.truncation), data_cfg, cache, topology)
 
 
 def sharded_batches(items: list, batch_size: int, topology: Topology) -> Iterator[tuple[list[int], list]]:

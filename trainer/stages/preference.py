@@ -17,6 +17,7 @@ import functools
 import gc
 import logging
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +26,8 @@ from trainer.data.packing import pack_pairs
 from trainer.data.preference import collate_pairs, tokenize_pair, validate_preference_record
 from trainer.losses import dpo_loss, ipo_loss, preference_loss, preference_metrics, rpo_loss
 from trainer.models import build_model
-from trainer.parallel.strategy import build_strategy
+from trainer.data.prefix_sharing import share_pairs
+from trainer.parallel.strategy import build_strategy, resolve_layout
 from trainer.parallel.topology import Topology
 from trainer.data.records import DataError
 from trainer.stages import common, loop, reference
@@ -65,11 +67,13 @@ def micro_batch_loss(logps: torch.Tensor, batch: dict, stage: DictConfig, global
     return share
 
 
-def _load_pairs(files: list[Path], tokenizer, cfg: DictConfig, train: bool) -> tuple[list[dict], dict]:
+def _load_pairs(files: list[Path], tokenizer, cfg: DictConfig, topology: Topology,
+                train: bool) -> tuple[Sequence[dict], dict]:
     """Tokenised pairs of ``files``. RPO's training pairs must all carry rewards; its eval pairs need
     none (held-out evaluation ranks responses, it does not use rewards)."""
     pairs, stats = common.tokenized_records(files, validate_preference_record, lambda record: tokenize_pair(
-        tokenizer, record, cfg.data.max_length + 1, cfg.data.truncation), cfg.data)
+        tokenizer, record, cfg.data.max_length + 1, cfg.data.truncation), cfg.data,
+        {"kind": "preference", "tokenizer": tokenizer}, topology)
     if train and cfg.stage.loss == "rpo":
         missing = sum(p["chosen_reward"] is None for p in pairs)
         if missing:
@@ -97,8 +101,8 @@ def _reference_strategy(cfg: DictConfig, topology: Topology, vocab_size: int):
 
 def _cached_reference(cfg: DictConfig, topology: Topology, tokenizer, splits: dict[str, tuple[list, list[Path]]]
                       ) -> tuple[int, dict[str, torch.Tensor]]:
-    """Attach cached reference log-probs to every split's pairs, computing missing tables in one pass.
-    Returns the number of pairs this run forwarded through the reference (all ranks) and the tables."""
+    """Cached reference log-probs of every split's pairs, computing missing tables in one pass. Returns
+    the number of pairs this run forwarded through the reference (all ranks) and the [N, 4] tables."""
     ref_cfg = _reference_model_cfg(cfg)
     cache_dir = Path(cfg.data.cache_dir)
     model_key = reference.model_fingerprint(ref_cfg, len(tokenizer), cfg.run.seed, cache_dir)
@@ -116,7 +120,8 @@ def _cached_reference(cfg: DictConfig, topology: Topology, tokenizer, splits: di
         for name in missing:
             path = tables[name][0]
             table, count = reference.pair_logps_table(strategy, splits[name][0], tokenizer.pad_token_id,
-                                                      cfg.stage.micro_batch_size, topology)
+                                                      cfg.stage.micro_batch_size, topology,
+                                                      pair_batcher(cfg, tokenizer.pad_token_id))
             forwarded += count
             if topology.is_main:
                 reference.save_table(path, table)
@@ -124,30 +129,42 @@ def _cached_reference(cfg: DictConfig, topology: Topology, tokenizer, splits: di
             tables[name] = (path, table)
         del strategy
         gc.collect()
-    for name, (pairs, _) in splits.items():
-        reference.attach(pairs, tables[name][1], cfg.stage.average_logps)
     forwarded = int(common.all_reduce_sum(forwarded, topology.dp_group).item())
     return forwarded, {name: table for name, (_, table) in tables.items()}
 
 
-def evaluate(strategy, pairs: list[dict], ref_table: torch.Tensor | None, pad_id: int, stage: DictConfig,
+def evaluate(strategy, pairs: list[dict], ref_table: torch.Tensor | None, make_batch: Callable, stage: DictConfig,
              topology: Topology) -> dict:
     """Held-out pairs: ranking accuracy of the policy alone, implicit-reward accuracy and margin
     (summed log-probs, unscaled by beta) against the reference."""
     if not pairs:
         return {}
     strategy.eval()
-    table, _ = reference.pair_logps_table(strategy, pairs, pad_id, stage.micro_batch_size, topology)
+    table, _ = reference.pair_logps_table(strategy, pairs, 0, stage.micro_batch_size, topology, make_batch)
     strategy.train()
     return reference.ranking_metrics(table, ref_table)
+
+
+def pair_batcher(cfg: DictConfig, pad_id: int) -> Callable[[list[dict]], dict]:
+    """pairs -> one micro-batch in the stage's layout (trainer.parallel.strategy.resolve_layout): prompt
+    shared (several pairs per row when packing), packed, or padded rows c_0..c_{n-1}, r_0..r_{n-1}.
+    The same for the policy, the cached and the online reference, and evaluation."""
+    layout = resolve_layout(cfg)
+    if layout["prefix_sharing"]:
+        return functools.partial(share_pairs, max_length=cfg.data.max_length, pad_id=pad_id, pack=layout["packing"])
+    if layout["packing"]:
+        return functools.partial(pack_pairs, max_length=cfg.data.max_length, pad_id=pad_id)
+    return functools.partial(collate_pairs, pad_id=pad_id)
 
 
 def setup(cfg: DictConfig, topology: Topology, tokenizer) -> Job:
     stage = cfg.stage
     pad_id = tokenizer.pad_token_id
+    make_batch = pair_batcher(cfg, pad_id)
     train_files, eval_files = common.data_files(cfg, topology, "preference")
-    train, train_stats = _load_pairs(train_files, tokenizer, cfg, train=True)
-    evals, _ = _load_pairs(eval_files, tokenizer, cfg, train=False) if eval_files else ([], {})
+    train, train_stats = common.train_examples(cfg, train_files, lambda files: _load_pairs(
+        files, tokenizer, cfg, topology, train=True))
+    evals, _ = _load_pairs(eval_files, tokenizer, cfg, topology, train=False) if eval_files else ([], {})
     splits = {"train": (train, train_files), **({"eval": (evals, eval_files)} if evals else {})}
     online = stage.reference_mode == "online"
     ref_forwards, ref_eval, ref_strategy = [0], None, None
@@ -155,10 +172,11 @@ def setup(cfg: DictConfig, topology: Topology, tokenizer) -> Job:
         ref_strategy = _reference_strategy(cfg, topology, len(tokenizer))
         if evals:
             ref_eval, count = reference.pair_logps_table(ref_strategy, evals, pad_id, stage.micro_batch_size,
-                                                         topology)
+                                                         topology, make_batch)
             ref_forwards[0] = int(common.all_reduce_sum(torch.tensor(float(count)), topology.dp_group).item())
     else:
         ref_forwards[0], tables = _cached_reference(cfg, topology, tokenizer, splits)
+        train = reference.attach(train, tables["train"], stage.average_logps)
         ref_eval = tables.get("eval")
     # The same metric keys on every rank; under pipeline parallelism only the last stage ran the loss.
     keys = [key for key in METRICS if key != "target_gap" or stage.loss == "rpo"]
@@ -181,14 +199,13 @@ def setup(cfg: DictConfig, topology: Topology, tokenizer) -> Job:
         return {**metrics, **info, "loss": loss}, tokens
 
     def held_out(strategy) -> dict:
-        return evaluate(strategy, evals, ref_eval, pad_id, stage, topology)
+        return evaluate(strategy, evals, ref_eval, make_batch, stage, topology)
 
     return Job(
         train=train, train_stats=train_stats, step=step, evaluate=held_out,
         before=lambda strategy: {f"before_{k}": v for k, v in held_out(strategy).items()},
         make_model=lambda: build_model(cfg.model, len(tokenizer), cfg.run.seed),
-        make_batch=(functools.partial(pack_pairs, max_length=cfg.data.max_length, pad_id=pad_id) if stage.packing
-                    else functools.partial(collate_pairs, pad_id=pad_id)),
+        make_batch=make_batch,
         summary=lambda: {"loss": stage.loss, "reference_forward_pairs": ref_forwards[0]},
         throughput="response_tokens_per_s")
 

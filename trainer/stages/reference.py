@@ -14,12 +14,16 @@ import json
 import logging
 import os
 from pathlib import Path
+from collections.abc import Sequence as SequenceABC
+from typing import Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.data.cache import file_hash
 from trainer.data.packing import segment_sum
 from trainer.data.preference import collate_pairs
+from trainer.data.sources import data_files_of
 from trainer.parallel.topology import Topology
 from trainer.stages.common import all_reduce_sum, sharded_batches, to_device
 
@@ -67,18 +71,18 @@ def cache_path(data_files: list[Path], model_key: str, tokenizer_key: str, data_
     """Where the table for this (model, tokenizer, data bytes, length settings) lives: under
     ``data.cache_dir``, shared by every run on this machine, never next to the user's data (which may
     be a read-only mount)."""
-    digest = hashlib.sha256()
-    for path in data_files:
-        digest.update(Path(path).read_bytes())
-    key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "model": model_key, "tokenizer": tokenizer_key,
-                                     "data": digest.hexdigest(), "max_length": data_cfg.max_length,
-                                     "truncation": data_cfg.truncation}).encode()).hexdigest()[:32]
+    data = [file_hash(f) for path in data_files for f in data_files_of(path)]
+    parts = {"v": CACHE_VERSION, "model": model_key, "tokenizer": tokenizer_key, "data": data,
+             "max_length": data_cfg.max_length, "truncation": data_cfg.truncation}
+    if data_cfg.get("mix"):  # the table's rows follow the mix's order (trainer/data/mixing.py)
+        parts["mix"] = [[len(s.train), s.weight, s.max_samples] for s in data_cfg.mix] + [data_cfg.mix_seed]
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
     return Path(data_cfg.cache_dir) / "reference" / f"reflogps-{key}.pt"
 
 
 def pair_logps(logps: torch.Tensor, batch: dict[str, torch.Tensor], average: bool) -> tuple[torch.Tensor, ...]:
     """Per-pair response log-probs (chosen [n], rejected [n]) and token counts from token log-probs of a
-    batch laid out by collate_pairs (rows c_0..c_{n-1}, r_0..r_{n-1}) or pack_pairs (``seq_id``)."""
+    batch laid out by collate_pairs (rows c_0..c_{n-1}, r_0..r_{n-1}) or pack_pairs / share_pairs (``seq_id``)."""
     mask = batch["loss_mask"].to(logps.dtype)
     if "seq_id" in batch:
         num = int(batch["num_sequences"])
@@ -92,15 +96,17 @@ def pair_logps(logps: torch.Tensor, batch: dict[str, torch.Tensor], average: boo
 
 
 @torch.no_grad()
-def pair_logps_table(strategy, pairs: list[dict], pad_id: int, batch_size: int,
-                            topology: Topology) -> tuple[torch.Tensor, int]:
+def pair_logps_table(strategy, pairs: list[dict], pad_id: int, batch_size: int, topology: Topology,
+                     make_batch: Callable[[list[dict]], dict] | None = None) -> tuple[torch.Tensor, int]:
     """[N, 4] table (chosen sum, rejected sum, chosen tokens, rejected tokens) of the response
     log-probs under ``strategy``'s model, on every rank, and the number of pairs this rank forwarded.
-    A collective: every rank makes the same number of forwards."""
+    ``make_batch``: the stage's layout (pack_pairs, share_pairs; None: collate_pairs with ``pad_id``); the
+    values agree to float tolerance, so the cache key does not include it. A collective: every rank makes the same
+    number of forwards."""
     table = torch.zeros(len(pairs), 4, dtype=torch.float64)
     forwarded = 0
     for ids, chunk in sharded_batches(pairs, batch_size, topology):
-        batch = to_device(collate_pairs(chunk, pad_id), topology.device)
+        batch = to_device(make_batch(chunk) if make_batch else collate_pairs(chunk, pad_id), topology.device)
         chosen, rejected, n_c, n_r = pair_logps(strategy.token_logps(batch), batch, average=False)
         if ids:
             table[ids] = torch.stack([chosen, rejected, n_c, n_r], dim=1).double().cpu()
@@ -126,14 +132,29 @@ def save_table(path: Path, table: torch.Tensor) -> None:
     os.replace(tmp, path)
 
 
-def attach(pairs: list[dict], table: torch.Tensor, average: bool) -> None:
-    """Store each pair's reference log-probs on it ("ref_chosen", "ref_rejected"), summed or averaged
-    like the policy's."""
+def attach(pairs: Sequence[dict], table: torch.Tensor, average: bool) -> Sequence[dict]:
+    """``pairs`` with each pair's reference log-probs ("ref_chosen", "ref_rejected"), summed or averaged
+    like the policy's: a view, since a memory-mapped dataset (trainer/data/cache.py) hands out a new
+    dict per access."""
     chosen, rejected = table[:, 0], table[:, 1]
     if average:
         chosen, rejected = chosen / table[:, 2].clamp(min=1), rejected / table[:, 3].clamp(min=1)
-    for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
-        pair["ref_chosen"], pair["ref_rejected"] = c, r
+    return WithReference(pairs, chosen.tolist(), rejected.tolist())
+
+
+class WithReference(SequenceABC):
+    """Item i of ``pairs`` plus its reference log-probs."""
+
+    def __init__(self, pairs: Sequence[dict], chosen: list[float], rejected: list[float]) -> None:
+        self.pairs, self.chosen, self.rejected = pairs, chosen, rejected
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return {**self.pairs[i], "ref_chosen": self.chosen[i], "ref_rejected": self.rejected[i]}
 
 
 def ranking_metrics(table: torch.Tensor, ref_table: torch.Tensor | None = None) -> dict[str, float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -30,16 +31,19 @@ from trainer.stages.loop import Job
 log = logging.getLogger(__name__)
 
 
-def tokenized_reward_dataset(paths: list[Path], tokenizer, data_cfg: DictConfig,
-                             attributes: list[str]) -> tuple[list[dict], dict]:
-    """Every record of ``paths`` tokenised with its targets, and counts of what was dropped.
+def tokenized_reward_dataset(paths: list[Path], tokenizer, data_cfg: DictConfig, attributes: list[str],
+                             topology: Topology | None = None) -> tuple[Sequence[dict], dict]:
+    """Every record of ``paths`` tokenised with its targets, and counts of what was dropped (through the
+    shared tokenised cache when ``topology`` is given).
 
     A bad record raises ``DataError`` naming ``file:line`` (or is skipped and counted, per
     ``data.on_bad_record``)."""
     # No shift as in SFT: the head reads position last_index itself, so max_length positions.
+    cache = {"kind": "reward", "options": {"attributes": list(attributes)}, "tokenizer": tokenizer}
     return common.tokenized_records(
         paths, lambda rec: validate_reward_record(rec, attributes),
-        lambda record: tokenize_reward_example(tokenizer, record, attributes, data_cfg.max_length), data_cfg)
+        lambda record: tokenize_reward_example(tokenizer, record, attributes, data_cfg.max_length), data_cfg,
+        cache if topology is not None else None, topology)
 
 
 def micro_batch_loss(scores: torch.Tensor, batch: dict, global_entries: torch.Tensor) -> torch.Tensor:
@@ -101,8 +105,9 @@ def setup(cfg: DictConfig, topology: Topology, tokenizer) -> Job:
     stage = cfg.stage
     attributes = list(stage.attributes)
     train_files, eval_files = common.data_files(cfg, topology, "reward")
-    train, train_stats = tokenized_reward_dataset(train_files, tokenizer, cfg.data, attributes)
-    evals, _ = tokenized_reward_dataset(eval_files, tokenizer, cfg.data, attributes)
+    train, train_stats = common.train_examples(cfg, train_files, lambda files: tokenized_reward_dataset(
+        files, tokenizer, cfg.data, attributes, topology))
+    evals, _ = tokenized_reward_dataset(eval_files, tokenizer, cfg.data, attributes, topology)
     pad_id = tokenizer.pad_token_id
 
     def step(strategy, step: int, batches: list[dict]) -> tuple[dict, float]:

@@ -18,8 +18,10 @@ from trainer.data.chat import collate
 from trainer.data.packing import pack_examples, segment_sum
 from trainer.losses import sft_loss_from_logps
 from trainer.models import NEFTune, build_model
+from trainer.parallel.strategy import resolve_layout
 from trainer.parallel.topology import Topology
-from trainer.data.records import read_jsonl, validate_chat_record
+from trainer.data.records import validate_chat_record
+from trainer.data.sources import RecordStream
 from trainer.stages import common, loop
 from trainer.stages.loop import Job
 from trainer.stages.evaluation import generation_accuracy
@@ -63,10 +65,12 @@ def evaluate(strategy, examples: list[dict], pad_id: int, micro_batch_size: int,
 def setup(cfg: DictConfig, topology: Topology, tokenizer) -> Job:
     stage = cfg.stage
     train_files, eval_files = common.data_files(cfg, topology, "sft")
-    train, train_stats = common.tokenized_chat_dataset(train_files, tokenizer, cfg.data)
-    evals, _ = common.tokenized_chat_dataset(eval_files, tokenizer, cfg.data)
+    train, train_stats = common.train_examples(cfg, train_files, lambda files: common.tokenized_chat_dataset(
+        files, tokenizer, cfg.data, topology))
+    evals, _ = common.tokenized_chat_dataset(eval_files, tokenizer, cfg.data, topology)
     pad_id = tokenizer.pad_token_id
-    make_batch = (functools.partial(pack_examples, max_length=cfg.data.max_length, pad_id=pad_id) if stage.packing
+    packing = resolve_layout(cfg)["packing"]
+    make_batch = (functools.partial(pack_examples, max_length=cfg.data.max_length, pad_id=pad_id) if packing
                   else functools.partial(collate, pad_id=pad_id))
     neftune: list[NEFTune] = []
 
@@ -94,7 +98,7 @@ def setup(cfg: DictConfig, topology: Topology, tokenizer) -> Job:
     def final(strategy) -> dict:
         if not evals or stage.eval_max_new_tokens <= 0:
             return {}
-        records = [r for path in eval_files for r in read_jsonl(path, validate_chat_record, "skip")[0]]
+        records = [r for path in eval_files for _, r in RecordStream(path, validate_chat_record, "skip")]
         accuracy = generation_accuracy(strategy, records, tokenizer, topology, stage.eval_max_new_tokens,
                                        stage.micro_batch_size)
         return {f"eval_{k}": v for k, v in accuracy.items()}

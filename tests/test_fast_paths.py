@@ -1,0 +1,280 @@
+"""The fast paths against the plain path: packing, prompt sharing and the chunked LM head (issue 11).
+
+Each fast path must leave every log-prob, loss and gradient as the plain layout's (right-padded rows,
+full-vocabulary logits) within fp32 tolerance. In-process checks cover the layouts on a bare transformers
+model (sdpa and eager) and the chunked head as a function; one torchrun launch per world size (this
+file's ``__main__``, 1 and 2 processes) runs every layout x head combination through DeepSpeedStrategy
+under ZeRO-2 and ZeRO-3, on an untied Llama and a tied Qwen2 (the head weight partitioned, and shared
+with the embedding), and compares per-pair log-probs, the losses and every full gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 400
+
+
+def _tokenized_pairs(tok) -> list[dict]:
+    """Synthetic pairs plus one by hand whose responses share two tokens (7, 8): the shared prefix must
+    stop before the first response token, so those two are scored on each side."""
+    from trainer.data.preference import synthetic_preference_records, tokenize_pair
+
+    families = ["reverse", "sort", "upper", "copy", "swap_pairs", "count", "code_expr"]
+    pairs = [tokenize_pair(tok, r, 64) for r in synthetic_preference_records(7, 3, families)]
+    pairs.append({"chosen": {"input_ids": [1, 5, 6, 7, 8, 9], "assistant_mask": [0, 0, 0, 1, 1, 1]},
+                  "rejected": {"input_ids": [1, 5, 6, 7, 8, 3, 4], "assistant_mask": [0, 0, 0, 1, 1, 1, 1]},
+                  "chosen_reward": None, "rejected_reward": None})
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def pairs(cache_dir) -> list[dict]:
+    from trainer.data import build_embedded_tokenizer
+
+    return _tokenized_pairs(build_embedded_tokenizer(VOCAB, cache_dir))
+
+
+# --- prompt sharing: the layout itself ------------------------------------------------------------------
+
+
+def test_shared_prefix_stops_before_the_first_scored_label():
+    from trainer.data.prefix_sharing import CHOSEN, REJECTED, SHARED, allowed, share_pairs, shared_length
+
+    chosen = {"input_ids": [1, 5, 6, 7, 8, 9], "assistant_mask": [0, 0, 0, 1, 1, 1]}
+    rejected = {"input_ids": [1, 5, 6, 7, 8, 3, 4], "assistant_mask": [0, 0, 0, 1, 1, 1, 1]}
+    assert shared_length(chosen, rejected) == 2  # inputs 1, 5 (labels 5, 6); label 7 is scored
+    batch = share_pairs([{"chosen": chosen, "rejected": rejected}], max_length=8, pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8, 6, 7, 8, 3]]
+    assert batch["labels"].tolist() == [[5, 6, 7, 8, 9, 7, 8, 3, 4]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 4, 5]]
+    assert batch["seq_id"].tolist() == [[-1, -1, 0, 0, 0, 1, 1, 1, 1]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1, 1, 1]]
+    assert batch["branch"].tolist() == [[SHARED] * 2 + [CHOSEN] * 3 + [REJECTED] * 4]
+    mask = allowed(batch["block"], batch["branch"])[0]
+    assert mask[5].tolist() == [True, True, False, False, False, True, False, False, False]  # rejected: prompt + itself
+    assert mask[4].tolist() == [True] * 5 + [False] * 4  # chosen: prompt + itself, causally
+
+
+def test_padding_and_other_pairs_are_invisible(pairs):
+    from trainer.data.prefix_sharing import allowed, share_pairs
+
+    batch = share_pairs(pairs, max_length=64, pad_id=0)
+    assert batch["input_ids"].shape[0] < len(pairs)  # several pairs per row
+    mask = allowed(batch["block"], batch["branch"])
+    block = batch["block"]
+    assert not ((block[:, :, None] != block[:, None, :]) & mask).any()  # no pair sees another
+    pad = block < 0
+    assert torch.equal(mask[pad], torch.eye(block.shape[1], dtype=torch.bool).expand_as(mask)[pad])  # only itself
+    assert not (mask & pad[:, None, :] & ~pad[:, :, None]).any()  # no real token sees padding
+    one_per_row = share_pairs(pairs, max_length=64, pad_id=0, pack=False)
+    assert one_per_row["input_ids"].shape[0] == len(pairs)
+
+
+def _model(arch: str, attn: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    model.config.use_cache = False
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prompt_shared_logps_and_grads_equal_padded(pairs, attn):
+    """Per-pair response log-probs and their gradients (through a DPO loss) equal the padded layout's."""
+    from trainer.data.prefix_sharing import attention_bias, share_pairs
+    from trainer.data.preference import collate_pairs
+    from trainer.losses import dpo_loss, token_logps
+    from trainer.stages.reference import pair_logps
+
+    model = _model("llama", attn)
+
+    def run(batch):
+        model.zero_grad()
+        if "branch" in batch:
+            kwargs = {"position_ids": batch["position_ids"],
+                      "attention_mask": attention_bias(batch["block"], batch["branch"], torch.float32)}
+        else:
+            kwargs = {"attention_mask": batch["attention_mask"]}
+        logps = token_logps(model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits, batch["labels"])
+        c, r, n_c, n_r = pair_logps(logps, batch, average=False)
+        dpo_loss(c, r, torch.zeros_like(c), torch.zeros_like(r), 0.1).mean().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        return torch.stack([c, r, n_c, n_r]).detach(), grads
+
+    want, want_grads = run(collate_pairs(pairs, 0))
+    for pack in (True, False):
+        got, got_grads = run(share_pairs(pairs, max_length=64, pad_id=0, pack=pack))
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+        for k in want_grads:
+            torch.testing.assert_close(got_grads[k], want_grads[k], rtol=1e-4, atol=1e-6)
+
+
+# --- the chunked head -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_head_equals_full_logits(tied):
+    """Values and gradients (hidden states and head weight) of the chunked computation equal the full
+    logits', with a label mask and ignored labels (-100: log-prob 0 on both paths), for chunk sizes that do
+    and do not divide the token count."""
+    from trainer.losses import token_logps
+    from trainer.losses.chunked import chunked_token_logps
+
+    torch.manual_seed(1)
+    embed = torch.nn.Embedding(50, 16)
+    head = torch.nn.Linear(16, 50, bias=False)
+    if tied:
+        head.weight = embed.weight
+    ids = torch.randint(0, 50, (3, 11))
+    labels = torch.roll(ids, -1, 1)
+    labels[0, :3] = -100
+    mask = (torch.rand(3, 11) > 0.3).float()
+
+    def run(chunk):
+        embed.zero_grad(), head.zero_grad()
+        hidden = torch.tanh(embed(ids))
+        logps = chunked_token_logps(hidden, head, labels, chunk) if chunk else token_logps(head(hidden), labels)
+        (-(logps * mask).sum() / mask.sum()).backward()
+        return logps.detach(), head.weight.grad.clone(), embed.weight.grad.clone()
+
+    want = run(0)
+    assert torch.all(want[0][0, :3] == 0)
+    for chunk in (1, 4, 7, 33, 64):
+        for a, b in zip(run(chunk), want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# --- layout resolution ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy,stage,want", [
+    ("deepspeed", "sft", {"packing": True, "prefix_sharing": False}),
+    ("deepspeed", "dpo", {"packing": True, "prefix_sharing": True}),
+    ("deepspeed", "reward", {"packing": False, "prefix_sharing": False}),
+    ("megatron", "sft", {"packing": False, "prefix_sharing": False}),
+    ("megatron", "dpo", {"packing": False, "prefix_sharing": False}),
+])
+def test_auto_layout_is_on_where_the_strategy_supports_it(strategy, stage, want):
+    from omegaconf import OmegaConf
+
+    from trainer.parallel.strategy import resolve_layout
+
+    cfg = OmegaConf.create({"parallel": {"strategy": strategy}, "model": {"attn_implementation": "sdpa"},
+                            "stage": {"type": {"dpo": "preference"}.get(stage, stage), "packing": None,
+                                      "prefix_sharing": None}})
+    assert resolve_layout(cfg) == want
+    cfg.stage.packing = False
+    assert resolve_layout(cfg)["packing"] is False
+    if strategy == "megatron":
+        cfg.stage.packing = True
+        with pytest.raises(ValueError, match="^stage.packing: parallel.strategy=megatron"):
+            resolve_layout(cfg)
+
+
+# --- through DeepSpeedStrategy, 1 and 2 processes, ZeRO-2 and ZeRO-3 ------------------------------------
+
+
+def worker(data: Path, out: Path) -> None:
+    from deepspeed.utils import safe_get_full_grad
+    from omegaconf import DictConfig
+
+    from trainer.data.chat import collate
+    from trainer.data.packing import pack_examples, pack_pairs
+    from trainer.data.prefix_sharing import share_pairs
+    from trainer.data.preference import collate_pairs
+    from trainer.losses import dpo_loss, sft_loss_from_logps
+    from trainer.parallel.deepspeed import DeepSpeedStrategy
+    from trainer.parallel.topology import Topology
+    from trainer.stages.reference import pair_logps
+
+    all_pairs = json.loads(data.read_text())
+    optim = DictConfig({"lr": 0.0, "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 0.0,
+                        "warmup_steps": 0, "schedule": "constant", "min_lr_ratio": 1.0})
+    base = {"strategy": "deepspeed", "tp": 1, "pp": 1, "cp": 1, "dp": -1, "virtual_pp": 1, "sequence_parallel": False,
+            "precision": "fp32", "offload_optimizer": False, "activation_checkpointing": False, "device": "cpu",
+            "backend": "gloo", "timeout_minutes": 5.0, "logits_chunk_tokens": 0}
+    topology = Topology.initialize(DictConfig({**base, "zero_stage": 2}))
+    pairs = all_pairs[topology.rank::topology.world_size]  # each rank its own data
+    examples = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    layouts = {"pairs": {"padded": collate_pairs(pairs, 0), "packed": pack_pairs(pairs, 64, 0),
+                         "shared": share_pairs(pairs, 64, 0), "shared_unpacked": share_pairs(pairs, 64, 0, pack=False)},
+               "sft": {"padded": collate(examples, 0), "packed": pack_examples(examples, 64, 0)}}
+    worst: dict[str, float] = {}
+    for zero in (2, 3):
+        for arch, tied in (("llama", False), ("qwen2", True)):
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            torch.manual_seed(0)
+            config = AutoConfig.for_model(arch, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          tie_word_embeddings=tied, max_position_embeddings=256)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+            model.config.use_cache = False
+            strategy = DeepSpeedStrategy(DictConfig({**base, "zero_stage": zero}), topology)
+            strategy.setup(model, optim, micro_batch_size=len(pairs), grad_accum=1, total_steps=100)
+            for kind, variants in layouts.items():
+                results = {}
+                for layout, batch in variants.items():
+                    for chunk in (0, 16):
+                        strategy.parallel.logits_chunk_tokens = chunk
+                        logps = strategy.token_logps(batch)
+                        if kind == "pairs":
+                            c, r, _, _ = pair_logps(logps, batch, average=False)
+                            values = torch.stack([c, r])
+                            loss = dpo_loss(c, r, -torch.ones_like(c), -torch.ones_like(r), 0.1).mean()
+                        else:
+                            values = (logps * batch["loss_mask"]).sum()[None]
+                            loss = sft_loss_from_logps(logps, batch["loss_mask"], "token")
+                        strategy.engine.backward(loss)
+                        grads = [safe_get_full_grad(p).clone() for p in strategy.module.parameters()]
+                        strategy.engine.step()  # lr 0: the weights stay, the gradients are freed
+                        results[(layout, chunk)] = (values.detach(), loss.detach(), grads)
+                want = results[("padded", 0)]
+                for key, got in results.items():
+                    name = f"zero{zero}/{arch}/{kind}/{key[0]}/chunk{key[1]}"
+                    # log-prob sums relative to their size (an SFT batch sums ~10^3 nats); loss and grads absolute
+                    scale = want[0].abs().max().clamp(min=1)
+                    worst[name] = max([((got[0] - want[0]).abs().max() / scale).item(),
+                                       (got[1] - want[1]).abs().item()]
+                                      + [(g - w).abs().max().item() for g, w in zip(got[2], want[2])])
+            del strategy
+    if topology.is_main:
+        out.write_text(json.dumps(worst))
+    topology.destroy()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_fast_paths_through_deepspeed(pairs, tmp_path, nproc):
+    from tests.conftest import free_port
+
+    data, out = tmp_path / "pairs.json", tmp_path / "worst.json"
+    data.write_text(json.dumps([{"chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                           f"--master_port={free_port()}", __file__, str(data), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    worst = json.loads(out.read_text())
+    assert len(worst) == 2 * 2 * (4 + 2) * 2
+    bad = {k: v for k, v in worst.items() if v > 2e-5}
+    assert not bad, bad
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    worker(Path(sys.argv[1]), Path(sys.argv[2]))
