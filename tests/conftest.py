@@ -112,3 +112,14 @@ def assert_same_export(ref: Path, got: Path, files: tuple[str, ...] = ("model.sa
 
     for name in files:
         assert_tensors_close(load_file(str(Path(ref) / name)), load_file(str(Path(got) / name)), tol, name)
+
+
+def user_recipe(root: Path, name: str, recipe: dict) -> list[str]:
+    """``recipe`` written as a user's recipe YAML in ``<root>/conf/recipe/<name>.yaml``; returns the
+    command-line arguments that select it (``--config-dir <root>/conf recipe=<name>``)."""
+    import yaml
+
+    conf = Path(root) / "conf" / "recipe"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / f"{name}.yaml").write_text("# @package _global_\n" + yaml.safe_dump(recipe))
+    return ["--config-dir", str(conf.parent), f"recipe={name}"]

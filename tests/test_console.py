@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_stagecraft, train_records
+from conftest import run_stagecraft, train_records, user_recipe
 
 STEPS = 48
 
@@ -178,12 +178,8 @@ def test_a_recipe_run_logs_its_report_into_the_runs_group(tmp_path, cache_dir):
         "sources": {"chat": {"kind": "sft", "families": ["copy"], "n_train": 16, "n_eval": 8, "seed": 1}},
         "stages": [{"name": "sft", "stage": "sft", "init": "base", "data": [{"source": "chat"}],
                     "overrides": {"max_steps": 1, "eval_max_new_tokens": 0}}]}}
-    conf = tmp_path / "conf" / "recipe"
-    conf.mkdir(parents=True)
-    (conf / "tiny.yaml").write_text("# @package _global_\n" + yaml.safe_dump(recipe))
     run_dir = tmp_path / "run"
-    run_stagecraft(run_dir, ["--config-dir", str(tmp_path / "conf"), "recipe=tiny", "logging.wandb_mode=offline"],
-                   cache_dir)
+    run_stagecraft(run_dir, [*user_recipe(tmp_path, "tiny", recipe), "logging.wandb_mode=offline"], cache_dir)
     group = wandb_group(OmegaConf.create({"run": {"name": "tiny", "dir": str(run_dir)}}))
     runs = {}
     for directory in (run_dir, run_dir / "stages" / "sft"):

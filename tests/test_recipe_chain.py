@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import run_stagecraft
+from tests.conftest import run_stagecraft, user_recipe
 from trainer.data.preference import synthetic_preference_records, synthetic_reward_records
 from trainer.data.synthetic import generate_chat_records, write_jsonl
 from trainer.data.tokenizer import load_tokenizer
@@ -23,8 +23,9 @@ FAMILIES = ["copy", "upper"]
 SMALL = {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 3, "eval_max_new_tokens": 0}
 
 
-def _user_recipe(root: Path) -> Path:
-    """conf/recipe/chain.yaml and the JSONL files it names; the pairs carry no rewards at all."""
+def _user_recipe(root: Path) -> list[str]:
+    """conf/recipe/chain.yaml and the JSONL files it names (returns the arguments selecting it); the
+    pairs carry no rewards at all."""
     data = root / "data"
     data.mkdir()
     files = {
@@ -53,18 +54,14 @@ def _user_recipe(root: Path) -> Path:
             "eval": {"sources": ["chat", "pairs"], "max_new_tokens": 4, "batch_size": 8},
         },
     }
-    conf = root / "conf" / "recipe"
-    conf.mkdir(parents=True)
-    (conf / "chain.yaml").write_text("# @package _global_\n" + yaml.safe_dump(recipe))
-    return root / "conf"
+    return user_recipe(root, "chain", recipe)
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("chain")
-    conf = _user_recipe(root)
     run = root / "run"
-    run_stagecraft(run, ["--config-dir", str(conf), "recipe=chain"], cache_dir, nproc=2)
+    run_stagecraft(run, _user_recipe(root), cache_dir, nproc=2)
     return run
 
 
@@ -109,12 +106,8 @@ def test_a_curate_stage_feeds_sft_its_kept_records(tmp_path, cache_dir):
              "overrides": {"tool": "length-filter", "options": {"threshold": 80}}},
             {"name": "sft", "stage": "sft", "init": "base", "data": [{"source": "filtered"}], "gguf": ["f16"],
              "overrides": {**SMALL, "max_steps": 1}}]}}
-    conf = tmp_path / "conf" / "recipe"
-    conf.mkdir(parents=True)
-    (conf / "curated.yaml").write_text("# @package _global_\n" + yaml.safe_dump(recipe))
     run = tmp_path / "run"
-    run_stagecraft(run, ["--config-dir", str(tmp_path / "conf"), "recipe=curated", "data.max_length=1024"],
-                   cache_dir)
+    run_stagecraft(run, [*user_recipe(tmp_path, "curated", recipe), "data.max_length=1024"], cache_dir)
 
     def keeps(record):
         required = required_length(record["messages"][0]["content"])
