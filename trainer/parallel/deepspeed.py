@@ -116,13 +116,23 @@ def autotp_section(hf_config, tp: int) -> dict[str, Any]:
         return {**section, "partition_config": _PHI3_PLAN}
     plan = getattr(hf_config, "base_model_tp_plan", None) or {}
     unsupported = sorted({style for style in plan.values() if style.lower() not in SUPPORTED_STYLES})
-    if unsupported:
+    # Expert weights: older transformers plans name them with styles DeepSpeed lacks; newer ones leave
+    # them out of the plan (transformers 5.25's qwen2_moe), which would keep every expert unsharded.
+    experts = next((getattr(hf_config, k) for k in _EXPERT_COUNT_KEYS if getattr(hf_config, k, None)), None)
+    if unsupported or experts:
+        why = (f"its transformers tensor-parallel plan needs {', '.join(unsupported)}, which DeepSpeed "
+               f"{deepspeed.__version__} does not implement" if unsupported else
+               f"its {experts} experts per layer are not in its transformers tensor-parallel plan, so DeepSpeed "
+               f"{deepspeed.__version__} would leave every expert unsharded")
         raise NotImplementedError(
-            f"parallel.tp: model.arch={kind!r} cannot use DeepSpeed AutoTP: its transformers tensor-parallel "
-            f"plan needs {', '.join(unsupported)}, which DeepSpeed {deepspeed.__version__} does not implement. "
-            f"Use parallel.tp=1 with ZeRO-3 (parallel=zero3), or parallel.strategy=megatron for llama, qwen2, "
-            f"mistral and nemotron")
+            f"parallel.tp: model.arch={kind!r} cannot use DeepSpeed AutoTP: {why}. Use parallel.tp=1 with "
+            f"ZeRO-3 (parallel=zero3), or parallel.strategy=megatron for llama, qwen2, mistral and nemotron")
     return section
+
+
+# Config fields that count a mixture-of-experts layer's experts (Qwen2-MoE / Qwen3-MoE, Mixtral,
+# DeepSeek-V2/V3).
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 def _to_universal(source: Path, output: Path) -> None:
