@@ -34,22 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.runtime.identity import file_hash
+
 FORMAT_VERSION = 1
 _INT32 = (-(2 ** 31), 2 ** 31 - 1)
 _FLUSH = 4096  # examples buffered before an append to the flat files
-
-
-def file_hash(path: Path, _memo: dict = {}) -> str:  # noqa: B006 - per-process memo keyed by (path, size, mtime)
-    """sha256 of a file's bytes, streamed; remembered per (path, size, mtime) within a process."""
-    st = path.stat()
-    memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if memo_key not in _memo:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _memo[memo_key] = h.hexdigest()
-    return _memo[memo_key]
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:

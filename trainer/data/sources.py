@@ -82,12 +82,6 @@ class RecordStream:
             self.skipped += 1
 
 
-def iter_records(path: str | Path, validate: Callable[[dict], None],
-                 on_bad_record: str = "error") -> Iterator[tuple[int | str, dict]]:
-    """`(location, record)` for every valid record of `path` (bad ones raise or are skipped)."""
-    yield from RecordStream(path, validate, on_bad_record)
-
-
 def _line_rows(path: Path, fmt: str, validate) -> Iterator[tuple[int, dict | str]]:
     """(line number, record or reason) per non-blank line of a JSONL or gzipped JSONL file."""
     opener = gzip.open if fmt == "jsonl.gz" else open

@@ -73,9 +73,15 @@ def run_id(*, _root_: DictConfig) -> str:
     return digest(config_items(_root_))[:8]
 
 
-def file_hash(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def file_hash(path: Path, _memo: dict = {}) -> str:  # noqa: B006 - per-process memo keyed by (path, size, mtime)
+    """sha256 of a file's bytes; remembered per (path, size, mtime) within a process, so the stage
+    identity, the tokenised cache key and the reference cache key read each data file once."""
+    st = path.stat()
+    memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo_key not in _memo:
+        with open(path, "rb") as f:
+            _memo[memo_key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _memo[memo_key]
 
 
 def model_fingerprint(path: Path) -> str:

@@ -171,8 +171,8 @@ def tokenized_records(paths: list[Path], validate: Callable[[dict], None], token
     tokenised = built
     if topology.world_size > 1:
         tokenised = int(all_reduce_sum(torch.tensor(float(built)), None).item())
-    dataset.stats.update(cache="built" if from_main(built, topology) else "hit", tokenized_ranks=tokenised,
-                         cache_dir=str(directory))
+    # Only rank 0 builds, so the count says whether this run built the cache.
+    dataset.stats.update(cache="built" if tokenised else "hit", tokenized_ranks=tokenised, cache_dir=str(directory))
     return dataset, dataset.stats
 
 

@@ -20,11 +20,11 @@ from typing import Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.data.cache import file_hash
 from trainer.data.packing import segment_sum
 from trainer.data.preference import collate_pairs
 from trainer.data.sources import data_files_of
 from trainer.parallel.topology import Topology
+from trainer.runtime.identity import file_hash
 from trainer.stages.common import all_reduce_sum, sharded_batches, to_device
 
 log = logging.getLogger(__name__)
