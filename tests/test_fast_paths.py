@@ -169,7 +169,7 @@ def test_chunked_head_equals_full_logits(tied):
 def test_auto_layout_is_on_where_the_strategy_supports_it(strategy, stage, want):
     from omegaconf import OmegaConf
 
-    from trainer.parallel.strategy import resolve_layout
+    from trainer.config.validate import resolve_layout
 
     cfg = OmegaConf.create({"parallel": {"strategy": strategy}, "model": {"attn_implementation": "sdpa"},
                             "stage": {"type": {"dpo": "preference"}.get(stage, stage), "packing": None,

@@ -121,12 +121,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
                               "parallel.distributed_optimizer, not ZeRO; set parallel.zero_stage=0")
         if cfg.stage.get("neftune_alpha", 0) > 0:
             raise ConfigError("stage.neftune_alpha: NEFTune is not implemented for parallel.strategy=megatron")
-        if cfg.stage.get("packing", False):
-            raise ConfigError("stage.packing: packed rows need a per-sequence attention mask, which "
-                              "parallel.strategy=megatron does not build; set stage.packing=false")
-        if cfg.stage.get("prefix_sharing", False):
-            raise ConfigError("stage.prefix_sharing: prompt-shared rows need a 4D attention mask, which "
-                              "parallel.strategy=megatron does not build; set stage.prefix_sharing=false")
+        resolve_layout(cfg)  # refuses an explicit stage.packing / stage.prefix_sharing it cannot run
     if cfg.model.path is None and cfg.model.tokenizer is not None:
         raise ConfigError("model.tokenizer: set model.path too; a model built from config uses the embedded "
                           "tokenizer, whose vocabulary sets its embedding size")
@@ -180,3 +175,35 @@ def validate_layout(cfg: DictConfig, world_size: int) -> None:
     if cfg.parallel.virtual_pp > 1 and accum % cfg.parallel.pp:
         raise ConfigError(f"parallel.virtual_pp: interleaved pipelines need the micro-batches per step "
                           f"({accum}) to be a multiple of parallel.pp={cfg.parallel.pp}")
+
+
+# The batch layouts each strategy's forward takes besides right-padded rows. deepspeed hands
+# transformers position ids (packed rows) or a 4D mask (prompt-shared rows); megatron's GPTModel is run
+# with plain causal attention and refuses both (trainer/parallel/megatron.py, MegatronStrategy._run).
+FAST_LAYOUTS = {"deepspeed": {"packing", "prefix_sharing"}, "megatron": set()}
+# What each layout needs from the strategy's forward (for the refusal).
+_LAYOUT_NEEDS = {"packing": "packed rows need a per-sequence attention mask",
+                 "prefix_sharing": "prompt-shared rows need a 4D attention mask"}
+# Attention implementations that read a custom 4D additive mask as it is (transformers masking_utils).
+_MASKED_ATTENTION = ("sdpa", "eager")
+
+
+def resolve_layout(cfg: DictConfig) -> dict[str, bool]:
+    """``{"packing": bool, "prefix_sharing": bool}`` for the stage of ``cfg``: an explicit true/false
+    is kept, null (auto) is on wherever the strategy's forward supports the layout, since neither
+    changes a loss (tests/test_fast_paths.py). Prompt sharing is a preference-stage layout and needs an
+    attention that takes a 4D mask; the reward stage pads (its head reads each row's last token)."""
+    fast = FAST_LAYOUTS[cfg.parallel.strategy]
+    kind = cfg.stage.type
+    out = {}
+    for key, applies in (("packing", kind in ("sft", "preference")),
+                         ("prefix_sharing", kind == "preference"
+                          and cfg.model.get("attn_implementation", "sdpa") in _MASKED_ATTENTION)):
+        value = cfg.stage.get(key)
+        if value is None:
+            value = applies and key in fast
+        elif value and key not in fast:
+            raise ConfigError(f"stage.{key}: parallel.strategy={cfg.parallel.strategy} has no attention mask for "
+                              f"this layout ({_LAYOUT_NEEDS[key]}); set stage.{key}=false (or leave it null: auto)")
+        out[key] = bool(value)
+    return out

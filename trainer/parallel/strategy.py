@@ -92,35 +92,6 @@ def poison_nonfinite(loss: torch.Tensor, scale: float) -> torch.Tensor:
                        torch.as_tensor(float("nan"), dtype=loss.dtype, device=loss.device))
 
 
-# The batch layouts each strategy's forward takes besides right-padded rows. deepspeed hands
-# transformers position ids (packed rows) or a 4D mask (prompt-shared rows); megatron's GPTModel is run
-# with plain causal attention and refuses both (MegatronStrategy._run).
-FAST_LAYOUTS = {"deepspeed": {"packing", "prefix_sharing"}, "megatron": set()}
-# Attention implementations that read a custom 4D additive mask as it is (transformers masking_utils).
-_MASKED_ATTENTION = ("sdpa", "eager")
-
-
-def resolve_layout(cfg: DictConfig) -> dict[str, bool]:
-    """``{"packing": bool, "prefix_sharing": bool}`` for the stage of ``cfg``: an explicit true/false
-    is kept, null (auto) is on wherever the strategy's forward supports the layout, since neither
-    changes a loss (tests/test_fast_paths.py). Prompt sharing is a preference-stage layout and needs an
-    attention that takes a 4D mask; the reward stage pads (its head reads each row's last token)."""
-    fast = FAST_LAYOUTS[cfg.parallel.strategy]
-    kind = cfg.stage.type
-    out = {}
-    for key, applies in (("packing", kind in ("sft", "preference")),
-                         ("prefix_sharing", kind == "preference"
-                          and cfg.model.get("attn_implementation", "sdpa") in _MASKED_ATTENTION)):
-        value = cfg.stage.get(key)
-        if value is None:
-            value = applies and key in fast
-        elif value and key not in fast:
-            raise ValueError(f"stage.{key}: parallel.strategy={cfg.parallel.strategy} has no attention mask for "
-                             f"this layout; set stage.{key}=false (or leave it null: auto)")
-        out[key] = bool(value)
-    return out
-
-
 def build_strategy(parallel: DictConfig, topology: Topology) -> Strategy:
     if parallel.strategy == "deepspeed":
         from trainer.parallel.deepspeed import DeepSpeedStrategy

@@ -27,7 +27,8 @@ from trainer.data.preference import collate_pairs, tokenize_pair, validate_prefe
 from trainer.losses import dpo_loss, ipo_loss, preference_loss, preference_metrics, rpo_loss
 from trainer.models import build_model
 from trainer.data.prefix_sharing import share_pairs
-from trainer.parallel.strategy import build_strategy, resolve_layout
+from trainer.config.validate import resolve_layout
+from trainer.parallel.strategy import build_strategy
 from trainer.parallel.topology import Topology
 from trainer.data.records import DataError
 from trainer.stages import common, loop, reference
@@ -146,7 +147,7 @@ def evaluate(strategy, pairs: list[dict], ref_table: torch.Tensor | None, make_b
 
 
 def pair_batcher(cfg: DictConfig, pad_id: int) -> Callable[[list[dict]], dict]:
-    """pairs -> one micro-batch in the stage's layout (trainer.parallel.strategy.resolve_layout): prompt
+    """pairs -> one micro-batch in the stage's layout (trainer.config.validate.resolve_layout): prompt
     shared (several pairs per row when packing), packed, or padded rows c_0..c_{n-1}, r_0..r_{n-1}.
     The same for the policy, the cached and the online reference, and evaluation."""
     layout = resolve_layout(cfg)

@@ -18,7 +18,7 @@ from trainer.data.chat import collate
 from trainer.data.packing import pack_examples, segment_sum
 from trainer.losses import sft_loss_from_logps
 from trainer.models import NEFTune, build_model
-from trainer.parallel.strategy import resolve_layout
+from trainer.config.validate import resolve_layout
 from trainer.parallel.topology import Topology
 from trainer.data.records import validate_chat_record
 from trainer.data.sources import RecordStream
