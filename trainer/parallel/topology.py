@@ -1,9 +1,14 @@
 """The one object that owns every process group.
 
 ``Topology.initialize`` starts torch.distributed (gloo on CPU, nccl on CUDA; a 1-process group when
-not launched by torchrun), checks that ``tp * pp * cp * dp == world_size``, and asks megatron-core's
-``parallel_state`` to build the tensor / pipeline / context / data-parallel groups. Everything else
-(DeepSpeed, losses, data sharding) receives its groups from here rather than from global getters.
+not launched by torchrun), checks that ``tp * pp * cp * dp == world_size`` and builds the groups the
+strategy needs. The megatron strategy gets them from megatron-core's ``parallel_state`` (its layers
+read those globals themselves). The deepspeed strategy has only tensor and data parallelism, and gets
+two families of plain torch groups in the same rank order (the ranks of one tensor-parallel group
+consecutive, as DeepSpeed AutoTP also assumes): importing megatron-core costs ≈ 2.8 s of start-up
+and ≈ 100 MiB of memory in every process (docs/performance.md), for groups torch builds in a few lines.
+Everything else (DeepSpeed, losses, data sharding) receives its ranks and groups as fields of this
+object rather than from global getters.
 """
 
 from __future__ import annotations
@@ -11,21 +16,25 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-# megatron-core announces at import that it falls back to plain-torch kernels without Transformer
-# Engine / Apex (always the case on CPU); the fallback is what we want, the warnings are noise.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-logging.getLogger("megatron.core").setLevel(logging.WARNING)  # its import-time INFO lines are noise
-from megatron.core import parallel_state  # noqa: E402
 from omegaconf import DictConfig
 
 from trainer.config.validate import data_parallel_size
+
+
+def _parallel_state():
+    """megatron-core's parallel_state, imported only on the megatron path."""
+    # megatron-core announces at import that it falls back to plain-torch kernels without Transformer
+    # Engine / Apex (always the case on CPU); the fallback is what we want, the warnings are noise.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # its import-time INFO lines are noise
+    from megatron.core import parallel_state
+
+    return parallel_state
 
 
 def _resolve_device(requested: str) -> torch.device:
@@ -48,6 +57,13 @@ class Topology:
     cp: int
     dp: int
     device: torch.device
+    # This rank's place in each dimension and its groups (None = the world group, as on one process).
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None
+    megatron: bool = False  # the groups live in megatron-core's parallel_state
 
     @classmethod
     def initialize(cls, parallel: DictConfig) -> "Topology":
@@ -69,39 +85,11 @@ class Topology:
         world_size = dist.get_world_size()
         # Raises ConfigError naming parallel.* when the layout does not tile the world.
         dp = data_parallel_size(DictConfig({"parallel": parallel}), world_size)
-        if not parallel_state.model_parallel_is_initialized():
-            parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=parallel.tp,
-                pipeline_model_parallel_size=parallel.pp,
-                context_parallel_size=parallel.cp,
-                virtual_pipeline_model_parallel_size=parallel.virtual_pp if parallel.virtual_pp > 1 else None,
-                # megatron takes whole minutes; the world group above keeps the exact timeout.
-                distributed_timeout_minutes=max(1, round(parallel.timeout_minutes)),
-            )
-        return cls(world_size=world_size, rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                   tp=parallel.tp, pp=parallel.pp, cp=parallel.cp, dp=dp, device=device)
-
-    # Ranks and groups, all from megatron-core's parallel_state (order tp-cp-ep-dp-pp: the ranks of
-    # one tensor-parallel group are consecutive, as DeepSpeed AutoTP also assumes).
-    @property
-    def dp_rank(self) -> int:
-        return parallel_state.get_data_parallel_rank()
-
-    @property
-    def tp_rank(self) -> int:
-        return parallel_state.get_tensor_model_parallel_rank()
-
-    @property
-    def pp_rank(self) -> int:
-        return parallel_state.get_pipeline_model_parallel_rank()
-
-    @property
-    def dp_group(self) -> dist.ProcessGroup:
-        return parallel_state.get_data_parallel_group()
-
-    @property
-    def tp_group(self) -> dist.ProcessGroup:
-        return parallel_state.get_tensor_model_parallel_group()
+        common = dict(world_size=world_size, rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                      tp=parallel.tp, pp=parallel.pp, cp=parallel.cp, dp=dp, device=device)
+        if parallel.strategy == "megatron":
+            return cls(**common, **_megatron_groups(parallel))
+        return cls(**common, **_tp_dp_groups(parallel.tp, dp, timeout))
 
     @property
     def is_main(self) -> bool:
@@ -114,45 +102,82 @@ class Topology:
         return MpuAdapter(self)
 
     def destroy(self) -> None:
-        parallel_state.destroy_model_parallel()
+        if self.megatron:
+            _parallel_state().destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _megatron_groups(parallel: DictConfig) -> dict:
+    """Ranks and groups from megatron-core's parallel_state (order tp-cp-ep-dp-pp)."""
+    ps = _parallel_state()
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            context_parallel_size=parallel.cp,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pp if parallel.virtual_pp > 1 else None,
+            # megatron takes whole minutes; the world group above keeps the exact timeout.
+            distributed_timeout_minutes=max(1, round(parallel.timeout_minutes)),
+        )
+    return dict(tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+                dp_rank=ps.get_data_parallel_rank(), tp_group=ps.get_tensor_model_parallel_group(),
+                dp_group=ps.get_data_parallel_group(), megatron=True)
+
+
+def _tp_dp_groups(tp: int, dp: int, timeout: datetime.timedelta) -> dict:
+    """Tensor-parallel groups of consecutive ranks and data-parallel groups strided by ``tp`` — the
+    order megatron-core uses for tp x dp — for the deepspeed strategy.
+
+    Every rank creates every group, in the same order (``new_group`` is collective over the world).
+    """
+    rank = dist.get_rank()
+    tp_ranks = [[d * tp + t for t in range(tp)] for d in range(dp)]
+    dp_ranks = [[d * tp + t for d in range(dp)] for t in range(tp)]
+    mine = {}
+    for kind, families in (("tp", tp_ranks), ("dp", dp_ranks)):
+        for ranks in families:
+            group = dist.new_group(ranks, timeout=timeout)
+            if rank in ranks:
+                mine[kind] = group
+    return dict(tp_rank=rank % tp, pp_rank=0, dp_rank=rank // tp, tp_group=mine["tp"], dp_group=mine["dp"])
+
+
 class MpuAdapter:
-    """The ``mpu`` interface DeepSpeed expects, answered from the Topology's megatron groups.
+    """The ``mpu`` interface DeepSpeed expects, answered from the Topology's fields.
 
     DeepSpeed calls ``get_model_parallel_*`` (megatron's old names) and the data-parallel getters;
-    megatron-core's ``parallel_state`` module lacks the former, so it cannot be passed directly.
+    megatron-core's ``parallel_state`` module lacks the former, so it could not be passed directly even
+    where it holds the groups.
     """
 
     def __init__(self, topology: Topology):
         self._topology = topology
 
     def get_model_parallel_rank(self) -> int:
-        return parallel_state.get_tensor_model_parallel_rank()
+        return self._topology.tp_rank
 
     def get_model_parallel_world_size(self) -> int:
-        return parallel_state.get_tensor_model_parallel_world_size()
+        return self._topology.tp
 
     def get_model_parallel_group(self):
-        return parallel_state.get_tensor_model_parallel_group()
+        return self._topology.tp_group
 
     get_tensor_model_parallel_rank = get_model_parallel_rank
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
     get_tensor_model_parallel_group = get_model_parallel_group
 
     def get_data_parallel_rank(self) -> int:
-        return parallel_state.get_data_parallel_rank()
+        return self._topology.dp_rank
 
     def get_data_parallel_world_size(self) -> int:
-        return parallel_state.get_data_parallel_world_size()
+        return self._topology.dp
 
     def get_data_parallel_group(self):
-        return parallel_state.get_data_parallel_group()
+        return self._topology.dp_group
 
     def get_pipeline_model_parallel_rank(self) -> int:
-        return parallel_state.get_pipeline_model_parallel_rank()
+        return self._topology.pp_rank
 
     def get_pipeline_model_parallel_world_size(self) -> int:
-        return parallel_state.get_pipeline_model_parallel_world_size()
+        return self._topology.pp
