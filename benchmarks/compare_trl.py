@@ -1,15 +1,17 @@
 """stagecraft against TRL on CPU: SFT and DPO training throughput on the same model, tokenizer and data.
 
     python benchmarks/compare_trl.py --out DIR [--runs 2] [--steps 24] [--timed-from 4] [--trl-path /tmp/trlpkgs]
+                                     [--only TEXT ...]
 
 TRL is not a dependency of the package (`pip install -e .[bench]`, or for this script alone
 `.venv/bin/pip install --no-deps --target /tmp/trlpkgs trl==1.16.0` and `--trl-path /tmp/trlpkgs`).
 
 Built here, deterministically, nothing downloaded (:func:`build_assets`): a random Llama (hidden 256,
 4 layers, 8 heads, SwiGLU 1024, vocabulary 4096, 6.29M parameters), the project's embedded BPE tokenizer
-(byte fallback, its chat template) trained on the LongWriter-style corpus, 512 chat records and 256
-preference pairs of LongWriter-style English (trainer/curation/longwriter_data.py), saved as an HF
-directory and JSONL files in DIR that both frameworks read.
+(byte fallback, its chat template) trained on the LongWriter-style corpus, and three data sets of
+LongWriter-style English (trainer/curation/longwriter_data.py): 512 chat records (sft), 256 pairs of one
+instruction and two answers (dpo), 256 multi-turn pairs whose prompt holds one or two earlier exchanges
+(dpo_long_prompt), saved as an HF directory and JSONL files in DIR that both frameworks read.
 
 Every run is a fresh process (fp32, 1 process, OMP_NUM_THREADS=2, batch 8, lr 1e-5), the modes
 interleaved A B C ... A B C ... over --runs rounds so a slow spell of a shared machine hits all of them.
@@ -41,29 +43,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
          "num_key_value_heads": 8, "max_position_embeddings": 1024, "tie_word_embeddings": False}
-VOCAB, N_CHAT, N_PAIRS, MAX_LENGTH = 4096, 512, 256, 512
+VOCAB, N_CHAT, N_PAIRS = 4096, 512, 256
+# Data sets and their max_length (tokens of one sequence; a pair's prompt + one response). "dpo": one
+# instruction and two long answers, the prompt a small share of the pair; "dpo_long_prompt": multi-turn
+# pairs (one or two earlier exchanges, then the instruction), where the prompt is the larger part of
+# each side, as in multi-turn preference data (Anthropic HH, HelpSteer2).
+MAX_LENGTH = {"sft": 512, "dpo": 512, "dpo_long_prompt": 1024}
 # LongWriter-style records of 100-200 asked words: 44-427 tokens through the embedded tokenizer.
 LONGWRITER = {"p_chinese": 0.0, "min_required": 100, "max_required": 200, "sigma": 0.2}
 BATCH, LR, THREADS, SEED = 8, 1e-5, 2, 0
 TRL_VERSION = "1.16.0"
 
-# name: (framework, algorithm, options: TRL config fields or stagecraft overrides)
+# name: (framework, algorithm, data set, options: TRL config fields or stagecraft overrides)
 MODES = {
-    "trl sft (padding)": ("trl", "sft", {}),
+    "trl sft (padding)": ("trl", "sft", "sft", {}),
     # TRL refuses max_length with padding_free and no packing; no record is longer than MAX_LENGTH anyway.
-    "trl sft padding_free": ("trl", "sft", {"padding_free": True, "max_length": None}),
-    "stagecraft sft": ("stagecraft", "sft", []),
-    "stagecraft sft packing=false": ("stagecraft", "sft", ["stage.packing=false"]),
-    "trl dpo precompute_ref": ("trl", "dpo", {"precompute_ref_log_probs": True}),
-    "stagecraft dpo": ("stagecraft", "dpo", []),
+    "trl sft padding_free": ("trl", "sft", "sft", {"padding_free": True, "max_length": None}),
+    "stagecraft sft": ("stagecraft", "sft", "sft", []),
+    "stagecraft sft packing=false": ("stagecraft", "sft", "sft", ["stage.packing=false"]),
+    "trl dpo precompute_ref": ("trl", "dpo", "dpo", {"precompute_ref_log_probs": True}),
+    "stagecraft dpo": ("stagecraft", "dpo", "dpo", []),
     "stagecraft dpo packing=false prefix_sharing=false": (
-        "stagecraft", "dpo", ["stage.packing=false", "stage.prefix_sharing=false"]),
+        "stagecraft", "dpo", "dpo", ["stage.packing=false", "stage.prefix_sharing=false"]),
+    "trl dpo precompute_ref, long prompts": ("trl", "dpo", "dpo_long_prompt", {"precompute_ref_log_probs": True}),
+    "stagecraft dpo, long prompts": ("stagecraft", "dpo", "dpo_long_prompt", []),
+    "stagecraft dpo packing=false prefix_sharing=false, long prompts": (
+        "stagecraft", "dpo", "dpo_long_prompt", ["stage.packing=false", "stage.prefix_sharing=false"]),
 }
+DATA = sorted({m[2] for m in MODES.values()})
 
 
 # ---- the shared model, tokenizer and data ------------------------------------------------------------
 def build_assets(out: Path) -> dict:
-    """Write DIR/model (config, weights, tokenizer), DIR/sft.jsonl and DIR/dpo.jsonl; return their sizes."""
+    """Write DIR/model (config, weights, tokenizer) and DIR/<data set>.jsonl for each of DATA; return
+    their sizes (a pair's tokens count its prompt once; prompt_share is the prompts' part of them)."""
     sys.path.insert(0, str(ROOT))
     from omegaconf import OmegaConf
 
@@ -86,12 +99,36 @@ def build_assets(out: Path) -> dict:
     other, _ = generate(2 * N_PAIRS, SEED + 1, **LONGWRITER)
     pairs = [{"prompt": a["messages"][:1], "chosen": a["messages"][1:], "rejected": b["messages"][1:]}
              for a, b in zip(other[::2], other[1::2])]
+    long_prompt = _long_prompt_pairs(tokenizer, generate(4 * N_PAIRS, SEED + 2, **LONGWRITER)[0])
     write_jsonl(out / "sft.jsonl", chat)
     write_jsonl(out / "dpo.jsonl", pairs)
+    write_jsonl(out / "dpo_long_prompt.jsonl", long_prompt)
     lengths = [record_tokens(tokenizer, r) for r in chat]
-    return {"vocab": len(tokenizer), "parameters": count_parameters(model), "chat_records": len(chat),
-            "chat_tokens": [min(lengths), max(lengths)], "pairs": len(pairs),
-            "pair_tokens": [min(p := [record_tokens(tokenizer, r) for r in pairs]), max(p)]}
+    sizes = {"vocab": len(tokenizer), "parameters": count_parameters(model), "chat_records": len(chat),
+             "chat_tokens": [min(lengths), max(lengths)]}
+    for name, data in (("", pairs), ("long_prompt_", long_prompt)):
+        layouts = [token_layout(tokenizer, r) for r in data]
+        sizes.update({f"{name}pairs": len(data), f"{name}pair_tokens": [min(map(sum, layouts)), max(map(sum, layouts))],
+                      f"{name}prompt_share": sum(x[0] for x in layouts) / sum(map(sum, layouts))})
+    return sizes
+
+
+def _long_prompt_pairs(tokenizer, records: list[dict]) -> list[dict]:
+    """Multi-turn pairs from four records each: two earlier exchanges, then the third record's
+    instruction with its response (chosen) against the fourth's (rejected). An earlier exchange is
+    dropped, oldest first, while a side would exceed MAX_LENGTH["dpo_long_prompt"]."""
+    pairs = []
+    for a, b, final, other in zip(*(records[i::4] for i in range(4))):
+        history = a["messages"] + b["messages"]
+        while True:
+            pair = {"prompt": history + final["messages"][:1], "chosen": final["messages"][1:],
+                    "rejected": other["messages"][1:]}
+            prompt, chosen, rejected = token_layout(tokenizer, pair)
+            if prompt + max(chosen, rejected) <= MAX_LENGTH["dpo_long_prompt"] or not history:
+                break
+            history = history[2:]
+        pairs.append(pair)
+    return pairs
 
 
 def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
@@ -150,7 +187,7 @@ def trl_child(mode: str, out: Path, run_dir: Path, steps: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    _, algo, options = MODES[mode]
+    _, algo, data_set, options = MODES[mode]
     record: dict = {"steps": [], "precompute_s": None}
 
     class StepClock(TrainerCallback):
@@ -163,11 +200,11 @@ def trl_child(mode: str, out: Path, run_dir: Path, steps: int) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32, attn_implementation="sdpa")
-    data = load_dataset("json", data_files=str(out / f"{algo}.jsonl"), split="train")
+    data = load_dataset("json", data_files=str(out / f"{data_set}.jsonl"), split="train")
     common = dict(output_dir=str(run_dir), max_steps=steps, per_device_train_batch_size=BATCH,
                   gradient_accumulation_steps=1, learning_rate=LR, bf16=False, fp16=False, use_cpu=True,
                   gradient_checkpointing=False, seed=SEED, logging_steps=1, save_strategy="no", report_to="none",
-                  disable_tqdm=True, **{"max_length": MAX_LENGTH, **options})
+                  disable_tqdm=True, **{"max_length": MAX_LENGTH[data_set], **options})
     if algo == "sft":
         trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer)
     else:
@@ -248,7 +285,7 @@ class StagecraftCounts:
     tokens, one fewer than the sequence; DPO response tokens) and its SFT target tokens (a check that the
     examples drawn here are the run's), and the order its sampler draws them in."""
 
-    def __init__(self, out: Path, algo: str, steps: int) -> None:
+    def __init__(self, out: Path, data_set: str, steps: int) -> None:
         sys.path.insert(0, str(ROOT))
         from trainer.data.chat import tokenize_chat
         from trainer.data.preference import tokenize_pair
@@ -256,14 +293,15 @@ class StagecraftCounts:
         from trainer.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(str(out / "model"))
-        records = [json.loads(line) for line in (out / f"{algo}.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (out / f"{data_set}.jsonl").read_text().splitlines()]
         self.harness = [record_tokens(tokenizer, r) for r in records]
-        if algo == "sft":
-            examples = [tokenize_chat(tokenizer, r["messages"], MAX_LENGTH + 1) for r in records]
+        max_length = MAX_LENGTH[data_set]
+        if data_set == "sft":
+            examples = [tokenize_chat(tokenizer, r["messages"], max_length + 1) for r in records]
             self.own = [len(e["input_ids"]) - 1 for e in examples]
             self.targets = [sum(e["assistant_mask"][1:]) for e in examples]
         else:
-            pairs = [tokenize_pair(tokenizer, r, MAX_LENGTH + 1) for r in records]
+            pairs = [tokenize_pair(tokenizer, r, max_length + 1) for r in records]
             self.own = [sum(sum(p[k]["assistant_mask"][1:]) for k in ("chosen", "rejected")) for p in pairs]
             self.targets = None
         plan = GlobalBatchPlan(len(records), BATCH, BATCH, 1, SEED)
@@ -282,10 +320,10 @@ class StagecraftCounts:
 
 
 def run_stagecraft(mode: str, out: Path, run_dir: Path, steps: int, counts: StagecraftCounts) -> dict:
-    _, algo, overrides = MODES[mode]
+    _, algo, data_set, overrides = MODES[mode]
     cmd = [str(Path(sys.executable).with_name("stagecraft")), f"run.dir={run_dir / 'run'}", f"run.seed={SEED}",
-           "model=hf", f"model.path={out / 'model'}", "data=jsonl", f"data.train=[{out / f'{algo}.jsonl'}]",
-           f"data.max_length={MAX_LENGTH}", f"stage.max_steps={steps}", f"stage.global_batch_size={BATCH}",
+           "model=hf", f"model.path={out / 'model'}", "data=jsonl", f"data.train=[{out / f'{data_set}.jsonl'}]",
+           f"data.max_length={MAX_LENGTH[data_set]}", f"stage.max_steps={steps}", f"stage.global_batch_size={BATCH}",
            f"stage.micro_batch_size={BATCH}", f"stage.optim.lr={LR}", "parallel.device=cpu",
            "logging.progress=false", "logging.wandb_mode=disabled", "checkpoint.export_hf=false", *overrides]
     if algo == "dpo":
@@ -334,7 +372,7 @@ def probe_in_child(run_dir: Path) -> float:
 
 
 def flop_per_token(out: Path) -> dict[str, float]:
-    """Model training FLOP per counted token, per algorithm: ``6 N + 12 · layers · d_attn · c̄`` with N
+    """Model training FLOP per counted token, per data set: ``6 N + 12 · layers · d_attn · c̄`` with N
     the matmul parameters (the LM head included, the input embedding lookup not), the factor 6 = forward
     2 + backward 4 FLOP per parameter and token, the attention term the QK^T and AV matmuls (2 · 2 · d
     FLOP per attended key and token, times 3 for the backward) over c̄ = the data's mean causal context
@@ -350,56 +388,63 @@ def flop_per_token(out: Path) -> dict[str, float]:
         n = matmul_parameters(AutoModelForCausalLM.from_config(config))
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     flop = {"matmul_parameters": n}
-    for algo in ("sft", "dpo"):
-        layouts = [token_layout(tokenizer, json.loads(line)) for line in (out / f"{algo}.jsonl").read_text().splitlines()]
-        flop[algo] = flops_per_token(n, config, causal_context(layouts))
+    for data_set in DATA:
+        layouts = [token_layout(tokenizer, json.loads(line))
+                   for line in (out / f"{data_set}.jsonl").read_text().splitlines()]
+        flop[data_set] = flops_per_token(n, config, causal_context(layouts))
     return flop
 
 
 def summarise(runs: list[dict], timed_from: int, probe: float, flop: dict) -> dict:
     modes = {}
-    for mode, (framework, algo, _) in MODES.items():
+    for mode, (framework, algo, data_set, _) in MODES.items():
         mine = [r for r in runs if r["mode"] == mode]
+        if not mine:  # left out by --only
+            continue
         rates, step_s = [], []
         for r in mine:
             timed = r["steps"][timed_from:]
             rates.append(sum(s["tokens"] for s in timed) / sum(s["seconds"] for s in timed))
             step_s.append(statistics.mean(s["seconds"] for s in timed))
         tps = statistics.median(rates)
-        modes[mode] = {"framework": framework, "algorithm": algo, "tokens_per_s": tps, "rounds": rates,
+        modes[mode] = {"framework": framework, "algorithm": algo, "data": data_set, "tokens_per_s": tps, "rounds": rates,
                        "step_s": statistics.median(step_s),
                        "startup_s": statistics.median(r["startup_s"] for r in mine),
                        "precompute_s": (statistics.median(r["precompute_s"] for r in mine)
                                         if all(r["precompute_s"] is not None for r in mine) else None),
                        "peak_rss_mib": max(r["peak_rss_mib"] for r in mine),
                        "first_loss": mine[0]["steps"][0].get("loss"),
-                       "model_gflops": tps * flop[algo] / 1e9, "of_probe": tps * flop[algo] / 1e9 / probe}
+                       "model_gflops": tps * flop[data_set] / 1e9, "of_probe": tps * flop[data_set] / 1e9 / probe}
     for m in modes.values():
-        best = max(o["tokens_per_s"] for o in modes.values()
-                   if o["framework"] == "trl" and o["algorithm"] == m["algorithm"])
-        m["vs_trl_best"] = m["tokens_per_s"] / best
+        trl = [o["tokens_per_s"] for o in modes.values() if o["framework"] == "trl" and o["data"] == m["data"]]
+        m["vs_trl_best"] = m["tokens_per_s"] / max(trl) if trl else None
     return modes
 
 
 def report(results: dict) -> str:
     a, env = results["assets"], results["environment"]
+    flop = results["flop_per_token"]
     lines = [f"# stagecraft vs TRL {env['trl']} on CPU", "",
              f"Llama {a['parameters'] / 1e6:.2f}M parameters (hidden 256, 4 layers, 8 heads, SwiGLU 1024, vocab "
-             f"{a['vocab']}), fp32, 1 process, {THREADS} threads, batch {BATCH}. {a['chat_records']} chat records "
-             f"({a['chat_tokens'][0]}-{a['chat_tokens'][1]} tokens), {a['pairs']} pairs "
-             f"({a['pair_tokens'][0]}-{a['pair_tokens'][1]} tokens, prompt once). Steps "
-             f"{results['timed_from']}..{results['steps'] - 1} timed, median of {results['runs']} interleaved "
-             f"rounds. torch {env['torch']}, transformers {env['transformers']}.", "",
+             f"{a['vocab']}), fp32, 1 process, {THREADS} threads, batch {BATCH}. Data: sft = {a['chat_records']} chat "
+             f"records ({a['chat_tokens'][0]}-{a['chat_tokens'][1]} tokens); dpo = {a['pairs']} pairs "
+             f"({a['pair_tokens'][0]}-{a['pair_tokens'][1]} tokens, prompt once; prompts {a['prompt_share']:.0%} of "
+             f"the tokens); dpo_long_prompt = {a['long_prompt_pairs']} multi-turn pairs "
+             f"({a['long_prompt_pair_tokens'][0]}-{a['long_prompt_pair_tokens'][1]} tokens; prompts "
+             f"{a['long_prompt_prompt_share']:.0%}). Steps {results['timed_from']}..{results['steps'] - 1} timed, "
+             f"median of {results['runs']} interleaved rounds. torch {env['torch']}, transformers "
+             f"{env['transformers']}.", "",
              f"Matmul probe (1024² fp32, {THREADS} threads): {results['probe_gflops'][0]:.1f} GFLOP/s before, "
-             f"{results['probe_gflops'][1]:.1f} after (their mean is the denominator). Model FLOP per token: SFT {results['flop_per_token']['sft']:.3g},"
-             f" DPO {results['flop_per_token']['dpo']:.3g} (6N + causal attention; N = "
-             f"{results['flop_per_token']['matmul_parameters']:,} matmul parameters).", "",
-             "| mode | tokens/s | vs TRL best | step s | start-up s | ref precompute s | peak RSS MiB | "
-             "model GFLOP/s | of probe | loss step 1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{results['probe_gflops'][1]:.1f} after (their mean is the denominator). Model FLOP per token: "
+             + ", ".join(f"{d} {flop[d]:.3g}" for d in DATA)
+             + f" (6N + causal attention; N = {flop['matmul_parameters']:,} matmul parameters).", "",
+             "| mode | data | tokens/s | vs TRL best | step s | start-up s | ref precompute s | peak RSS MiB | "
+             "model GFLOP/s | of probe | loss step 1 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in results["modes"].items():
         pre = "-" if m["precompute_s"] is None else f"{m['precompute_s']:.1f}"
         loss = "-" if m["first_loss"] is None else f"{m['first_loss']:.4f}"
-        lines.append(f"| {name} | {m['tokens_per_s']:,.0f} | {m['vs_trl_best']:.2f}x | {m['step_s']:.2f} | "
+        ratio = "-" if m["vs_trl_best"] is None else f"{m['vs_trl_best']:.2f}x"
+        lines.append(f"| {name} | {m['data']} | {m['tokens_per_s']:,.0f} | {ratio} | {m['step_s']:.2f} | "
                      f"{m['startup_s']:.1f} | {pre} | {m['peak_rss_mib']:,.0f} | {m['model_gflops']:.1f} | "
                      f"{m['of_probe']:.0%} | {loss} |")
     lines += ["", "Tokens: non-pad tokens of each sequence, a pair's prompt once. TRL SFT's loss is on every "
@@ -426,6 +471,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--timed-from", type=int, default=4, help="first timed step, 0-based")
     parser.add_argument("--trl-path", default=None, help="a --target directory holding trl (PYTHONPATH of TRL runs)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="run only the modes whose name contains one of these (e.g. 'long prompts')")
     parser.add_argument("--trl-child", nargs=2, metavar=("MODE", "RUN_DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -444,15 +491,17 @@ def main() -> None:
 
     assets = build_assets(out)
     print(f"assets: {assets}", file=sys.stderr)
-    counts = {algo: StagecraftCounts(out, algo, args.steps) for algo in ("sft", "dpo")}
+    modes = [m for m in MODES if args.only is None or any(o in m for o in args.only)]
+    counts = {d: StagecraftCounts(out, d, args.steps) for d in {MODES[m][2] for m in modes}}
     probes = [probe_in_child(out / "runs" / "probe-before")]
     runs = []
     for r in range(args.runs):
-        for i, (mode, (framework, algo, _)) in enumerate(MODES.items()):
+        for i, mode in enumerate(modes):
+            framework, _, data_set, _ = MODES[mode]
             run_dir = out / "runs" / f"r{r}-m{i}"
             run_dir.mkdir(parents=True, exist_ok=True)
             result = (run_trl(mode, out, run_dir, args.steps, args.trl_path) if framework == "trl"
-                      else run_stagecraft(mode, out, run_dir, args.steps, counts[algo]))
+                      else run_stagecraft(mode, out, run_dir, args.steps, counts[data_set]))
             runs.append({"mode": mode, "round": r, **result})
             print(f"round {r} {mode}: {result['wall_s']:.0f} s wall", file=sys.stderr, flush=True)
     probes.append(probe_in_child(out / "runs" / "probe-after"))

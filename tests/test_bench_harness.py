@@ -18,17 +18,30 @@ def test_assets_have_the_stated_sizes(tmp_path):
     # Embedding and LM head 4096 x 256 each; per layer q,k,v,o 256 x 256, gate/up/down 256 x 1024, two
     # norms of 256; the final norm.
     layer = 4 * 256 * 256 + 3 * 256 * 1024 + 2 * 256
-    assert sizes == {"vocab": 4096, "parameters": 2 * 4096 * 256 + 4 * layer + 256, "chat_records": 512,
-                     "chat_tokens": [44, 427], "pairs": 256, "pair_tokens": sizes["pair_tokens"]}
+    assert {k: sizes[k] for k in ("vocab", "parameters", "chat_records", "chat_tokens", "pairs", "long_prompt_pairs")} == {
+        "vocab": 4096, "parameters": 2 * 4096 * 256 + 4 * layer + 256, "chat_records": 512, "chat_tokens": [44, 427],
+        "pairs": 256, "long_prompt_pairs": 256}
     lo, hi = sizes["pair_tokens"]
-    assert 2 * 44 <= lo < hi <= 2 * bench.MAX_LENGTH
+    assert 2 * 44 <= lo < hi <= 2 * bench.MAX_LENGTH["dpo"]
     assert len((tmp_path / "sft.jsonl").read_text().splitlines()) == 512
     pair = json.loads((tmp_path / "dpo.jsonl").read_text().splitlines()[0])
     assert [m["role"] for m in pair["prompt"] + pair["chosen"] + pair["rejected"]] == ["user", "assistant", "assistant"]
+    # Long-prompt pairs: every side fits max_length, the prompt ends with the user's turn after whole
+    # exchanges, and prompts are most of the tokens (the case prompt sharing is for); short ones are not.
+    from trainer.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tmp_path / "model"))
+    for line in (tmp_path / "dpo_long_prompt.jsonl").read_text().splitlines():
+        pair = json.loads(line)
+        prompt, chosen, rejected = bench.token_layout(tokenizer, pair)
+        assert prompt + max(chosen, rejected) <= bench.MAX_LENGTH["dpo_long_prompt"]
+        assert [m["role"] for m in pair["prompt"]] in (["user"], ["user", "assistant", "user"],
+                                                      ["user", "assistant"] * 2 + ["user"])
+    assert sizes["long_prompt_prompt_share"] > 0.5 > 0.1 > sizes["prompt_share"]
     # Deterministic: a second build writes the same files.
     again = tmp_path / "again"
     bench.build_assets(again)
-    for name in ("sft.jsonl", "dpo.jsonl", "model/model.safetensors", "model/tokenizer.json"):
+    for name in ("sft.jsonl", "dpo.jsonl", "dpo_long_prompt.jsonl", "model/model.safetensors", "model/tokenizer.json"):
         assert (again / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
 

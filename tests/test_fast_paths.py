@@ -10,6 +10,7 @@ with the embedding), and compares per-pair log-probs, the losses and every full 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -156,6 +157,69 @@ def test_chunked_head_equals_full_logits(tied):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+# --- segment attention ---------------------------------------------------------------------------------
+
+
+def test_segments_by_hand():
+    from trainer.models.segment_attention import packed_segments, shared_segments
+
+    # Packed: sequences of 3 and 2 tokens, then padding that restarts its positions.
+    assert packed_segments(torch.tensor([[0, 1, 2, 0, 1, 0, 1]])) == [[(0, 3), (3, 5), (5, 7)]]
+    # Shared: pair 0 = prefix 2, chosen 2, rejected 1; pair 1 = prefix 1, chosen 1, rejected 2; padding 1.
+    block = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, -1]])
+    branch = torch.tensor([[0, 0, 1, 1, 2, 0, 1, 2, 2, 0]])
+    assert shared_segments(block, branch) == [[(0, 4), (0, 2, 4, 5), (5, 7), (5, 6, 7, 9), (9, 9, 9, 10)]]
+    with pytest.raises(ValueError, match="not \\[shared \\| chosen \\| rejected\\]"):
+        shared_segments(torch.tensor([[0, 0, 0]]), torch.tensor([[0, 2, 1]]))
+
+
+def test_segment_attention_equals_the_mask():
+    """Each layout's segments against SDPA with the layout's full mask: outputs and input gradients."""
+    from trainer.data.prefix_sharing import allowed
+    from trainer.models import segment_attention
+
+    segment_attention.register()
+    block = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, -1]])
+    branch = torch.tensor([[0, 0, 1, 1, 2, 0, 1, 2, 2, 0]])
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0]])
+    pos = position_ids[0]
+    starts = torch.cumsum(torch.cat([torch.ones(1, dtype=torch.long), (pos[1:] != pos[:-1] + 1).long()]), 0)
+    packed_mask = (starts[:, None] == starts[None, :]) & torch.ones(10, 10, dtype=torch.bool).tril()
+    module = torch.nn.Module()
+    torch.manual_seed(0)
+    for mask, segments, real in (
+            (packed_mask[None], segment_attention.packed_segments(position_ids), torch.ones(10, dtype=torch.bool)),
+            (allowed(block, branch), segment_attention.shared_segments(block, branch), block[0] >= 0)):
+        q, k, v = (torch.randn(1, 4, 10, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        k2, v2 = k[:, :2], v[:, :2]  # grouped-query: 2 key/value heads for 4 query heads
+        got, _ = segment_attention.attention(module, q, k2, v2, None, scaling=0.3, segments=segments)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, k2.repeat_interleave(2, 1), v2.repeat_interleave(2, 1), attn_mask=mask[:, None], scale=0.3).transpose(1, 2)
+        torch.testing.assert_close(got[:, real], want[:, real], rtol=0, atol=1e-12)
+        weights = torch.randn_like(want) * real[None, :, None, None]
+        grads = torch.autograd.grad((got * weights).sum(), (q, k, v))
+        for g, w in zip(grads, torch.autograd.grad((want * weights).sum(), (q, k, v))):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+def test_segment_attention_is_only_for_full_causal_attention():
+    from transformers import AutoConfig
+
+    from trainer.models import segment_attention
+
+    def config(arch, attn="sdpa"):
+        return AutoConfig.for_model(arch, attn_implementation=attn)
+
+    assert segment_attention.supported(config("llama"))
+    assert segment_attention.supported(config("qwen2"))  # use_sliding_window false
+    assert not segment_attention.supported(config("llama", "eager"))  # the mask path of eager attention
+    assert not segment_attention.supported(config("mistral"))  # sliding_window 4096
+    assert not segment_attention.supported(config("gemma2"))  # soft-capping, sliding layers
+    with pytest.raises(NotImplementedError, match="parallel.segment_attention=false"):
+        q = torch.zeros(1, 1, 2, 4)
+        segment_attention.attention(torch.nn.Module(), q, q, q, None, segments=[[(0, 2)]], sliding_window=8)
+
+
 # --- layout resolution ----------------------------------------------------------------------------------
 
 
@@ -195,6 +259,7 @@ def worker(data: Path, out: Path) -> None:
     from trainer.data.prefix_sharing import share_pairs
     from trainer.data.preference import collate_pairs
     from trainer.losses import dpo_loss, sft_loss_from_logps
+    from trainer.models import segment_attention
     from trainer.parallel.deepspeed import DeepSpeedStrategy
     from trainer.parallel.topology import Topology
     from trainer.stages.reference import pair_logps
@@ -204,7 +269,7 @@ def worker(data: Path, out: Path) -> None:
                         "warmup_steps": 0, "schedule": "constant", "min_lr_ratio": 1.0})
     base = {"strategy": "deepspeed", "tp": 1, "pp": 1, "cp": 1, "dp": -1, "virtual_pp": 1, "sequence_parallel": False,
             "precision": "fp32", "offload_optimizer": False, "activation_checkpointing": False, "device": "cpu",
-            "backend": "gloo", "timeout_minutes": 5.0, "logits_chunk_tokens": 0}
+            "backend": "gloo", "timeout_minutes": 5.0, "logits_chunk_tokens": 0, "segment_attention": False}
     topology = Topology.initialize(DictConfig({**base, "zero_stage": 2}))
     pairs = all_pairs[topology.rank::topology.world_size]  # each rank its own data
     examples = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
@@ -222,28 +287,30 @@ def worker(data: Path, out: Path) -> None:
                                           tie_word_embeddings=tied, max_position_embeddings=256)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
             model.config.use_cache = False
+            assert segment_attention.supported(model.config), arch  # else the segment runs test the mask
             strategy = DeepSpeedStrategy(DictConfig({**base, "zero_stage": zero}), topology)
             strategy.setup(model, optim, micro_batch_size=len(pairs), grad_accum=1, total_steps=100)
             for kind, variants in layouts.items():
                 results = {}
-                for layout, batch in variants.items():
-                    for chunk in (0, 16):
-                        strategy.parallel.logits_chunk_tokens = chunk
-                        logps = strategy.token_logps(batch)
-                        if kind == "pairs":
-                            c, r, _, _ = pair_logps(logps, batch, average=False)
-                            values = torch.stack([c, r])
-                            loss = dpo_loss(c, r, -torch.ones_like(c), -torch.ones_like(r), 0.1).mean()
-                        else:
-                            values = (logps * batch["loss_mask"]).sum()[None]
-                            loss = sft_loss_from_logps(logps, batch["loss_mask"], "token")
-                        strategy.engine.backward(loss)
-                        grads = [safe_get_full_grad(p).clone() for p in strategy.module.parameters()]
-                        strategy.engine.step()  # lr 0: the weights stay, the gradients are freed
-                        results[(layout, chunk)] = (values.detach(), loss.detach(), grads)
-                want = results[("padded", 0)]
+                for layout, chunk, segments in itertools.product(variants, (0, 16), (False, True)):
+                    batch = variants[layout]
+                    strategy.parallel.logits_chunk_tokens = chunk
+                    strategy.parallel.segment_attention = segments
+                    logps = strategy.token_logps(batch)
+                    if kind == "pairs":
+                        c, r, _, _ = pair_logps(logps, batch, average=False)
+                        values = torch.stack([c, r])
+                        loss = dpo_loss(c, r, -torch.ones_like(c), -torch.ones_like(r), 0.1).mean()
+                    else:
+                        values = (logps * batch["loss_mask"]).sum()[None]
+                        loss = sft_loss_from_logps(logps, batch["loss_mask"], "token")
+                    strategy.engine.backward(loss)
+                    grads = [safe_get_full_grad(p).clone() for p in strategy.module.parameters()]
+                    strategy.engine.step()  # lr 0: the weights stay, the gradients are freed
+                    results[(layout, chunk, segments)] = (values.detach(), loss.detach(), grads)
+                want = results[("padded", 0, False)]
                 for key, got in results.items():
-                    name = f"zero{zero}/{arch}/{kind}/{key[0]}/chunk{key[1]}"
+                    name = f"zero{zero}/{arch}/{kind}/{key[0]}/chunk{key[1]}/segments={key[2]}"
                     # log-prob sums relative to their size (an SFT batch sums ~10^3 nats); loss and grads absolute
                     scale = want[0].abs().max().clamp(min=1)
                     worst[name] = max([((got[0] - want[0]).abs().max() / scale).item(),
@@ -270,7 +337,7 @@ def test_fast_paths_through_deepspeed(pairs, tmp_path, nproc):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     worst = json.loads(out.read_text())
-    assert len(worst) == 2 * 2 * (4 + 2) * 2
+    assert len(worst) == 2 * 2 * (4 + 2) * 2 * 2
     bad = {k: v for k, v in worst.items() if v > 2e-5}
     assert not bad, bad
 

@@ -102,6 +102,10 @@ class ParallelConfig:
     # (trainer/losses/chunked.py). A micro-batch of at most this many tokens takes the plain path. 0:
     # always full logits. Ignored with parallel.tp > 1 (AutoTP) and by megatron (vocab-parallel logits).
     logits_chunk_tokens: int = 1024
+    # Packed and prompt-shared rows (deepspeed strategy, sdpa attention): one causal attention call per
+    # sequence or pair part instead of one call with a [rows, 1, L, L] mask, which scores every key of a
+    # row (trainer/models/segment_attention.py). Models with sliding windows or soft-capping keep the mask.
+    segment_attention: bool = True
     device: str = "auto"  # auto | cpu | cuda
     backend: str = "auto"  # auto | gloo | nccl
     # How long a collective may wait for the other ranks before the run fails with exit code 5 (a rank

@@ -35,6 +35,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from trainer.data.prefix_sharing import attention_bias
 from trainer.losses import token_logps
 from trainer.losses.chunked import chunked_token_logps
+from trainer.models import segment_attention
 from trainer.parallel.schedule import lr_multiplier
 from trainer.parallel.strategy import LossFn, poison_nonfinite
 from trainer.parallel.topology import Topology
@@ -250,14 +251,7 @@ class DeepSpeedStrategy:
         trainer.data.prefix_sharing). With ``parallel.logits_chunk_tokens`` > 0 and a micro-batch of more
         tokens than that, the head runs chunk by chunk on the decoder's hidden states
         (trainer.losses.chunked); AutoTP (tp > 1) keeps full logits, its head is wrapped by DeepSpeed."""
-        if "branch" in batch:
-            dtype = torch.bfloat16 if self.parallel.precision == "bf16" else torch.float32
-            inputs = {"position_ids": batch["position_ids"],
-                      "attention_mask": attention_bias(batch["block"], batch["branch"], dtype)}
-        elif "position_ids" in batch:
-            inputs = {"position_ids": batch["position_ids"]}
-        else:
-            inputs = {"attention_mask": batch["attention_mask"]}
+        inputs = self._attention_inputs(batch)
         chunk = self.parallel.logits_chunk_tokens if self.parallel.tp == 1 else 0
         tokens = batch["input_ids"].numel()
         if chunk > 0 and self.parallel.zero_stage == 3 and self.topology.dp > 1:
@@ -274,6 +268,25 @@ class DeepSpeedStrategy:
         hidden = self.module.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
         return chunked_token_logps(hidden, self.module.get_output_embeddings(), batch["labels"], chunk,
                                    num_chunks=-(-tokens // chunk))
+
+    def _attention_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """What the decoder takes besides input_ids for this layout: the attention mask of padded rows;
+        for packed and prompt-shared rows the position ids and either the segments of each row
+        (``parallel.segment_attention``, trainer.models.segment_attention) or the mask that confines
+        attention to each sequence (packed: transformers builds it from the position ids; shared: the
+        4D mask of trainer.data.prefix_sharing)."""
+        if "position_ids" not in batch:
+            return {"attention_mask": batch["attention_mask"]}
+        inputs: dict[str, Any] = {"position_ids": batch["position_ids"]}
+        if self.parallel.segment_attention and segment_attention.supported(self.module.config):
+            segment_attention.register()
+            rows = (segment_attention.shared_segments(batch["block"], batch["branch"]) if "branch" in batch
+                    else segment_attention.packed_segments(batch["position_ids"]))
+            return {**inputs, "segments": rows, "attention_mask": segment_attention.NO_MASK}
+        if "branch" in batch:
+            dtype = torch.bfloat16 if self.parallel.precision == "bf16" else torch.float32
+            inputs["attention_mask"] = attention_bias(batch["block"], batch["branch"], dtype)
+        return inputs
 
     def outputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """What the stage's loss consumes: per-token log-probs [B, T] for a CausalLM; for a model

@@ -1,0 +1,143 @@
+"""Attention per segment for packed and prompt-shared rows: causal SDPA calls instead of one [R, 1, L, L] mask.
+
+Why. A packed row holds several sequences, and a prompt-shared row several pairs (trainer.data.packing,
+trainer.data.prefix_sharing). With one masked SDPA call per layer, every query is scored against every
+key of its row: the cost is L² per row whatever the blocks, the causal half is not skipped (an
+explicit mask turns the kernels' causal path off), and the [R, 1, L, L] mask is built and kept. Here
+each segment is its own ``is_causal`` call, so the work is the sum of the segments' causal triangles.
+Measured on a 2-core CPU (docs/performance.md): the decoder's forward + backward on 8 multi-turn pairs
+laid out prompt-shared in 3 rows of 2,034 positions took 1.95 s instead of 3.2 s with the mask.
+
+A row is cut into consecutive segments covering it, of two kinds:
+
+    (a, b)              positions [a, b) attend causally within [a, b)
+    (p0, p1, r0, r1)    positions [r0, r1) attend to the prefix [p0, p1) and causally within [r0, r1)
+
+A packed row is a run of ``(a, b)``, one per sequence (a new one wherever the position id does not go
+up by one, as transformers' own packed-sequence detection cuts it), padding a trailing run of its own.
+A prompt-shared pair ``[prefix | chosen | rejected]`` is ``(p0, c1)`` for the prefix and the chosen part
+(the chosen part follows the prefix in the row, exactly its unshared causal context) and
+``(p0, p1, c1, r1)`` for the rejected part. The second kind is computed as one causal call over the
+prefix's and the part's queries and keys concatenated, keeping the part's outputs: a rejected query
+then sees the prefix and the earlier rejected positions, as in its unshared row (the prefix's queries
+are scored again, an attention-only cost of one prefix triangle). Padding of a shared row (block -1)
+gets zeros; no real position attends to it and its loss weight is 0.
+
+How it reaches the model. transformers looks the attention function up by name on every call
+(``ALL_ATTENTION_FUNCTIONS``) and passes the forward's extra keyword arguments down to it. :func:`register`
+puts :func:`attention` under the name "sdpa"; without a ``segments`` argument it hands the call to
+transformers' own sdpa function unchanged, so padded rows, generation and every other caller see plain
+sdpa. The caller passes ``segments`` and :data:`NO_MASK`, a 4D mask that transformers passes through as
+it is (``masking_utils._preprocess_mask_arguments``), so no [R, 1, L, L] mask is built.
+
+Only for models whose attention is full causal attention: :func:`supported` refuses sliding windows and
+logit soft-capping (the strategy then keeps the mask), and :func:`attention` raises if it meets them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trainer.data.prefix_sharing import CHOSEN, REJECTED, SHARED
+
+# A 4D "mask" transformers passes through untouched, so it builds none; ignored by :func:`attention`.
+NO_MASK = torch.zeros(1, 1, 1, 1)
+
+Segment = tuple[int, ...]
+
+
+def supported(config) -> bool:
+    """True when every layer is full causal attention: no sliding window in use, no soft-capping."""
+    if getattr(config, "_attn_implementation", "sdpa") != "sdpa":
+        return False
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
+        return False
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return False
+    return getattr(config, "attn_logit_softcapping", None) is None
+
+
+def packed_segments(position_ids: torch.Tensor) -> list[list[Segment]]:
+    """Segments of packed rows: a new sequence wherever the position does not go up by exactly one."""
+    rows = []
+    for pos in position_ids.tolist():
+        starts = [0] + [i for i in range(1, len(pos)) if pos[i] != pos[i - 1] + 1] + [len(pos)]
+        rows.append([(a, b) for a, b in zip(starts, starts[1:])])
+    return rows
+
+
+def shared_segments(block: torch.Tensor, branch: torch.Tensor) -> list[list[Segment]]:
+    """Segments of prompt-shared rows (trainer.data.prefix_sharing): per pair block, prefix + chosen
+    causally, rejected over the prefix; padding (block -1) as zero-output runs ``(a, a, a, b)``."""
+    rows = []
+    for blocks, branches in zip(block.tolist(), branch.tolist()):
+        segments, i, length = [], 0, len(blocks)
+        while i < length:
+            j = i
+            while j < length and blocks[j] == blocks[i]:
+                j += 1
+            if blocks[i] < 0:
+                segments.append((i, i, i, j))  # no keys: zeros
+            else:
+                parts = branches[i:j]
+                p1 = i + parts.count(SHARED)
+                r0 = p1 + parts.count(CHOSEN)
+                if parts != [SHARED] * (p1 - i) + [CHOSEN] * (r0 - p1) + [REJECTED] * (j - r0):
+                    raise ValueError(f"prompt-shared row: pair block at {i} is not [shared | chosen | rejected]")
+                segments += [(i, r0), (i, p1, r0, j)]
+            i = j
+        rows.append(segments)
+    return rows
+
+
+def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+              segments: list[list[Segment]] | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature (query/key/value [B, H, L, D]); returns [B, L, H, D]."""
+    if segments is None:
+        return _SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError("segment attention: this model uses a sliding window or soft-capping; "
+                                  "set parallel.segment_attention=false")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    heads, dim = query.shape[1], query.shape[3]
+    rows = []
+    for r, row in enumerate(segments):
+        q, k, v = query[r], key[r], value[r]
+        pieces = []
+        for seg in row:
+            if len(seg) == 2:
+                a, b = seg
+                pieces.append(_causal(q[:, a:b], k[:, a:b], v[:, a:b], dropout, scaling))
+            elif seg[0] == seg[1] == seg[2]:
+                pieces.append(q.new_zeros(heads, seg[3] - seg[2], dim))
+            else:
+                p0, p1, r0, r1 = seg
+                both = [slice(p0, p1), slice(r0, r1)]
+                out = _causal(*(torch.cat([t[:, s] for s in both], 1) for t in (q, k, v)), dropout, scaling)
+                pieces.append(out[:, p1 - p0:])
+        rows.append(torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0])
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, scaling: float | None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, is_causal=True,
+                                          scale=scaling)[0]
+
+
+_SDPA = None
+
+
+def register() -> None:
+    """Put :func:`attention` under transformers' "sdpa" name (idempotent); the original handles every
+    call without ``segments``."""
+    global _SDPA
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _SDPA is None:
+        _SDPA = sdpa_attention_forward
+        AttentionInterface.register("sdpa", attention)
