@@ -6,7 +6,8 @@ key of its row: the cost is L² per row whatever the blocks, the causal half is 
 explicit mask turns the kernels' causal path off), and the [R, 1, L, L] mask is built and kept. Here
 each segment is its own ``is_causal`` call, so the work is the sum of the segments' causal triangles.
 Measured on a 2-core CPU (docs/performance.md): the decoder's forward + backward on 8 multi-turn pairs
-laid out prompt-shared in 3 rows of 2,034 positions took 1.95 s instead of 3.2 s with the mask.
+laid out prompt-shared in 3 rows of 2,034 positions took 1.95 s instead of 3.2 s with the mask (the
+first version of this file; the rejected parts' small masks then took another 9 % off).
 
 A row is cut into consecutive segments covering it, of two kinds:
 
@@ -17,11 +18,12 @@ A packed row is a run of ``(a, b)``, one per sequence (a new one wherever the po
 up by one, as transformers' own packed-sequence detection cuts it), padding a trailing run of its own.
 A prompt-shared pair ``[prefix | chosen | rejected]`` is ``(p0, c1)`` for the prefix and the chosen part
 (the chosen part follows the prefix in the row, exactly its unshared causal context) and
-``(p0, p1, c1, r1)`` for the rejected part. The second kind is computed as one causal call over the
-prefix's and the part's queries and keys concatenated, keeping the part's outputs: a rejected query
-then sees the prefix and the earlier rejected positions, as in its unshared row (the prefix's queries
-are scored again, an attention-only cost of one prefix triangle). Padding of a shared row (block -1)
-gets zeros; no real position attends to it and its loss weight is 0.
+``(p0, p1, c1, r1)`` for the rejected part. The second kind is one call of the part's queries over the
+prefix's and the part's keys concatenated, with a small [r, p + r] mask (the whole prefix, then causal
+within the part): a rejected query sees the prefix and the earlier rejected positions, as in its
+unshared row. (Scoring the prefix's queries again in one causal call over both, the other way to get
+this, measured 9 % slower for the decoder on the multi-turn pairs below.) Padding of a shared row
+(block -1) gets zeros; no real position attends to it and its loss weight is 0.
 
 How it reaches the model. transformers looks the attention function up by name on every call
 (``ALL_ATTENTION_FUNCTIONS``) and passes the forward's extra keyword arguments down to it. :func:`register`
@@ -116,9 +118,11 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
                 pieces.append(q.new_zeros(heads, seg[3] - seg[2], dim))
             else:
                 p0, p1, r0, r1 = seg
-                both = [slice(p0, p1), slice(r0, r1)]
-                out = _causal(*(torch.cat([t[:, s] for s in both], 1) for t in (q, k, v)), dropout, scaling)
-                pieces.append(out[:, p1 - p0:])
+                keys, values = (torch.cat([t[:, p0:p1], t[:, r0:r1]], 1) for t in (k, v))
+                # query i of the part sees the whole prefix and the part's keys 0..i
+                mask = torch.ones(r1 - r0, p1 - p0 + r1 - r0, dtype=torch.bool, device=q.device).tril(p1 - p0)
+                pieces.append(F.scaled_dot_product_attention(q[None, :, r0:r1], keys[None], values[None], attn_mask=mask,
+                                                             dropout_p=dropout, scale=scaling)[0])
         rows.append(torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0])
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
