@@ -246,9 +246,9 @@ class DeepSpeedStrategy:
         """log p(labels | context) per position, [B, T]; differentiable (no_grad is the caller's).
 
         Three layouts: padded rows (``attention_mask``); packed rows (``position_ids`` restarting per
-        sequence, no ``attention_mask``: transformers confines attention to each sequence,
-        trainer.data.packing); prompt-shared rows (``block``/``branch``: a 4D additive mask built here,
-        trainer.data.prefix_sharing). With ``parallel.logits_chunk_tokens`` > 0 and a micro-batch of more
+        sequence, trainer.data.packing); prompt-shared rows (``block``/``branch``,
+        trainer.data.prefix_sharing). The last two attend per segment or through a mask
+        (:meth:`_attention_inputs`). With ``parallel.logits_chunk_tokens`` > 0 and a micro-batch of more
         tokens than that, the head runs chunk by chunk on the decoder's hidden states
         (trainer.losses.chunked); AutoTP (tp > 1) keeps full logits, its head is wrapped by DeepSpeed."""
         inputs = self._attention_inputs(batch)
