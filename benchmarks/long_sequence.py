@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -107,10 +106,12 @@ def trl_one(length: int) -> dict:
 
 
 def _child(args: list[str], trl_path: str | None = None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1"}
-    if trl_path:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (trl_path, env.get("PYTHONPATH")) if p)
+    """One cell in a fresh process, with compare_trl's child environment (threads, offline, fresh caches)."""
+    import tempfile
+
+    from compare_trl import child_env  # this script's directory is sys.path[0]
+
+    env = child_env(Path(tempfile.mkdtemp(prefix="long_sequence_")), trl_path)
     proc = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -63,9 +63,9 @@ def supported(config) -> bool:
 def packed_segments(position_ids: torch.Tensor) -> list[list[Segment]]:
     """Segments of packed rows: a new sequence wherever the position does not go up by exactly one."""
     rows = []
-    for pos in position_ids.tolist():
-        starts = [0] + [i for i in range(1, len(pos)) if pos[i] != pos[i - 1] + 1] + [len(pos)]
-        rows.append([(a, b) for a, b in zip(starts, starts[1:])])
+    for pos in position_ids:  # the cuts found on the device; only they come back to Python
+        bounds = [0, *(torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1).tolist(), len(pos)]
+        rows.append(list(zip(bounds, bounds[1:])))
     return rows
 
 

@@ -6,7 +6,7 @@ strategy needs. The megatron strategy gets them from megatron-core's ``parallel_
 read those globals themselves). The deepspeed strategy has only tensor and data parallelism, and gets
 two families of plain torch groups in the same rank order (the ranks of one tensor-parallel group
 consecutive, as DeepSpeed AutoTP also assumes): importing megatron-core costs ≈ 2.8 s of start-up
-and ≈ 100 MiB of memory in every process (docs/performance.md), for groups torch builds in a few lines.
+and ≈ 140 MiB of memory in every process (docs/performance.md), for groups torch builds in a few lines.
 Everything else (DeepSpeed, losses, data sharding) receives its ranks and groups as fields of this
 object rather than from global getters.
 """
