@@ -202,6 +202,49 @@ def test_segment_attention_equals_the_mask():
             torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
 
 
+def test_one_row_drops_padding_and_spread_restores_the_layout():
+    """Two packed rows and two prompt-shared rows laid end to end: the row holds exactly the real
+    positions, in order; the segments equal each row's own, shifted (a shared row's slots restart at 0,
+    so joining rows must not merge the last pair of one row with the first of the next); the attention
+    of the joined row equals that of the padded rows; spread puts values back with zeros on padding."""
+    from trainer.models import segment_attention
+
+    packed = {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 0, 1, 2, 3]]),
+              "seq_id": torch.tensor([[0, 0, 0, 1, 1, -1], [2, 2, 3, 3, 3, 3]])}
+    shared = {"block": torch.tensor([[0, 0, 0, 0, -1, -1], [0, 0, 0, 1, 1, 1]]),
+              "branch": torch.tensor([[0, 1, 2, 2, 0, 0], [0, 1, 2, 0, 1, 2]]),
+              "position_ids": torch.tensor([[0, 1, 1, 2, 0, 0], [0, 1, 1, 0, 1, 1]])}
+    for batch, want in ((packed, [(0, 3), (3, 5), (5, 7), (7, 11)]),
+                        (shared, [(0, 2), (0, 1, 2, 4), (4, 6), (4, 5, 6, 7), (7, 9), (7, 8, 9, 10)])):
+        batch = {**batch, "input_ids": torch.arange(12).view(2, 6), "labels": torch.arange(12).view(2, 6) + 100}
+        real, ids, labels, inputs = segment_attention.one_row(batch)
+        assert inputs["segments"] == [want]
+        torch.testing.assert_close(ids[0], batch["input_ids"][real])
+        torch.testing.assert_close(labels[0], batch["labels"][real])
+        torch.testing.assert_close(inputs["position_ids"][0], batch["position_ids"][real])
+        values = torch.randn(1, int(real.sum()), requires_grad=True)
+        spread = segment_attention.spread(values, real)
+        assert torch.equal(spread[real], values[0].detach()) and torch.all(spread[~real] == 0)
+        weights = torch.randn(2, 6)
+        (grad,) = torch.autograd.grad((spread * weights).sum(), values)
+        torch.testing.assert_close(grad[0], weights[real])
+
+        # attention over the joined row equals the per-row segments' attention on the padded rows
+        rows = [(segment_attention.shared_segments(batch["block"][r:r + 1], batch["branch"][r:r + 1])
+                 if "branch" in batch else segment_attention.packed_segments(batch["position_ids"][r:r + 1]))[0]
+                for r in range(2)]
+        q, k, v = (torch.randn(2, 4, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        padded, _ = segment_attention.attention(torch.nn.Module(), q, k, v, None, scaling=0.3, segments=rows)
+        flat = [t.transpose(1, 2)[real].transpose(0, 1)[None] for t in (q, k, v)]
+        joined, _ = segment_attention.attention(torch.nn.Module(), *flat, None, scaling=0.3,
+                                                segments=inputs["segments"])
+        torch.testing.assert_close(joined[0], padded[real], rtol=0, atol=1e-12)
+        weights = torch.randn_like(padded) * real[:, :, None, None]
+        for g, w in zip(torch.autograd.grad((joined[0] * weights[real]).sum(), (q, k, v)),
+                        torch.autograd.grad((padded * weights).sum(), (q, k, v))):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
 def test_segment_attention_is_only_for_full_causal_attention():
     from transformers import AutoConfig
 

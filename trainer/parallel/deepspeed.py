@@ -247,13 +247,19 @@ class DeepSpeedStrategy:
 
         Three layouts: padded rows (``attention_mask``); packed rows (``position_ids`` restarting per
         sequence, trainer.data.packing); prompt-shared rows (``block``/``branch``,
-        trainer.data.prefix_sharing). The last two attend per segment or through a mask
+        trainer.data.prefix_sharing). The last two attend per segment, their real positions laid end to
+        end in one row without padding (trainer.models.segment_attention), or through a mask
         (:meth:`_attention_inputs`). With ``parallel.logits_chunk_tokens`` > 0 and a micro-batch of more
         tokens than that, the head runs chunk by chunk on the decoder's hidden states
         (trainer.losses.chunked); AutoTP (tp > 1) keeps full logits, its head is wrapped by DeepSpeed."""
-        inputs = self._attention_inputs(batch)
+        if "position_ids" in batch and self._segment_attention():
+            real, input_ids, labels, inputs = segment_attention.one_row(batch)
+            return segment_attention.spread(self._token_logps(input_ids, labels, inputs), real)
+        return self._token_logps(batch["input_ids"], batch["labels"], self._attention_inputs(batch))
+
+    def _token_logps(self, input_ids: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         chunk = self.parallel.logits_chunk_tokens if self.parallel.tp == 1 else 0
-        tokens = batch["input_ids"].numel()
+        tokens = input_ids.numel()
         if chunk > 0 and self.parallel.zero_stage == 3 and self.topology.dp > 1:
             # Each head call gathers ZeRO-3 partitions (a collective): all ranks take the same path and
             # make the same number of calls, set by the largest micro-batch (one scalar all-reduce).
@@ -261,28 +267,26 @@ class DeepSpeedStrategy:
             torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX, group=self.topology.dp_group)
             tokens = int(most.item())
         if chunk <= 0 or tokens <= chunk:
-            return token_logps(self.engine(input_ids=batch["input_ids"], use_cache=False, **inputs).logits,
-                               batch["labels"])
+            return token_logps(self.engine(input_ids=input_ids, use_cache=False, **inputs).logits, labels)
         # The decoder alone (HF ``get_decoder()``: the CausalLM minus its head); its modules' ZeRO-3 hooks
         # gather their partitions as in a full forward, and the head's hooks do the same per chunk.
-        hidden = self.module.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
-        return chunked_token_logps(hidden, self.module.get_output_embeddings(), batch["labels"], chunk,
+        hidden = self.module.get_decoder()(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+        return chunked_token_logps(hidden, self.module.get_output_embeddings(), labels, chunk,
                                    num_chunks=-(-tokens // chunk))
 
+    def _segment_attention(self) -> bool:
+        if not (self.parallel.segment_attention and segment_attention.supported(self.module.config)):
+            return False
+        segment_attention.register()
+        return True
+
     def _attention_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """What the decoder takes besides input_ids for this layout: the attention mask of padded rows;
-        for packed and prompt-shared rows the position ids and either the segments of each row
-        (``parallel.segment_attention``, trainer.models.segment_attention) or the mask that confines
-        attention to each sequence (packed: transformers builds it from the position ids; shared: the
-        4D mask of trainer.data.prefix_sharing)."""
+        """What the decoder takes besides input_ids for padded rows (their attention mask) and, without
+        segment attention, for packed rows (their position ids: transformers builds the per-sequence mask
+        from them) and prompt-shared rows (the 4D mask of trainer.data.prefix_sharing)."""
         if "position_ids" not in batch:
             return {"attention_mask": batch["attention_mask"]}
         inputs: dict[str, Any] = {"position_ids": batch["position_ids"]}
-        if self.parallel.segment_attention and segment_attention.supported(self.module.config):
-            segment_attention.register()
-            rows = (segment_attention.shared_segments(batch["block"], batch["branch"]) if "branch" in batch
-                    else segment_attention.packed_segments(batch["position_ids"]))
-            return {**inputs, "segments": rows, "attention_mask": segment_attention.NO_MASK}
         if "branch" in batch:
             dtype = torch.bfloat16 if self.parallel.precision == "bf16" else torch.float32
             inputs["attention_mask"] = attention_bias(batch["block"], batch["branch"], dtype)
