@@ -335,7 +335,7 @@ def worker(data: Path, out: Path) -> None:
             strategy.setup(model, optim, micro_batch_size=len(pairs), grad_accum=1, total_steps=100)
             for kind, variants in layouts.items():
                 results = {}
-                for layout, chunk, segments in itertools.product(variants, (0, 16), (False, True)):
+                for layout, chunk, segments in itertools.product(variants, (0, 16, 4096), (False, True)):
                     batch = variants[layout]
                     strategy.parallel.logits_chunk_tokens = chunk
                     strategy.parallel.segment_attention = segments
@@ -380,7 +380,7 @@ def test_fast_paths_through_deepspeed(pairs, tmp_path, nproc):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     worst = json.loads(out.read_text())
-    assert len(worst) == 2 * 2 * (4 + 2) * 2 * 2
+    assert len(worst) == 2 * 2 * (4 + 2) * 3 * 2
     bad = {k: v for k, v in worst.items() if v > 2e-5}
     assert not bad, bad
 

@@ -42,3 +42,19 @@ def build_model(model_cfg: DictConfig, vocab_size: int, seed: int) -> PreTrained
 def count_parameters(model: torch.nn.Module) -> int:
     """Parameter count, also for a model loaded into ZeRO-3 partitions (whose tensors are empty)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+# Config fields through which a CausalLM transforms its head's output before returning logits (Gemma's
+# soft-capping, Cohere's and Granite's scaling), with the value that leaves the logits unchanged.
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_softcap": None, "logit_scale": 1.0,
+                     "logits_scaling": 1.0}
+
+
+def logits_are_head_output(model: PreTrainedModel) -> bool:
+    """True when the model's logits are its output embedding (an ``nn.Linear``) applied to the decoder's
+    last hidden state, nothing after: the condition for computing log-probs from the hidden states with
+    the head's weight directly (trainer.losses.chunked)."""
+    if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
+        return False
+    config = model.config
+    return all(getattr(config, key, plain) in (None, plain) for key, plain in _LOGIT_TRANSFORMS.items())

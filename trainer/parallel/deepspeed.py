@@ -34,8 +34,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.data.prefix_sharing import attention_bias
 from trainer.losses import token_logps
-from trainer.losses.chunked import chunked_token_logps
+from trainer.losses.chunked import chunked_token_logps, fused_token_logps
 from trainer.models import segment_attention
+from trainer.models.hf import logits_are_head_output
 from trainer.parallel.schedule import lr_multiplier
 from trainer.parallel.strategy import LossFn, poison_nonfinite
 from trainer.parallel.topology import Topology
@@ -249,9 +250,11 @@ class DeepSpeedStrategy:
         sequence, trainer.data.packing); prompt-shared rows (``block``/``branch``,
         trainer.data.prefix_sharing). The last two attend per segment, their real positions laid end to
         end in one row without padding (trainer.models.segment_attention), or through a mask
-        (:meth:`_attention_inputs`). With ``parallel.logits_chunk_tokens`` > 0 and a micro-batch of more
-        tokens than that, the head runs chunk by chunk on the decoder's hidden states
-        (trainer.losses.chunked); AutoTP (tp > 1) keeps full logits, its head is wrapped by DeepSpeed."""
+        (:meth:`_attention_inputs`). With ``parallel.logits_chunk_tokens`` > 0 (the default) and a model
+        whose logits are its head's output, log-probs come from the decoder's hidden states and the head
+        in chunks of that many tokens (trainer.losses.chunked: a hand-written backward with the head's
+        weight below ZeRO-3; under ZeRO-3 the head called as a module, under checkpoint, so its hooks
+        gather the weight). AutoTP (tp > 1) keeps full logits, its head is wrapped by DeepSpeed."""
         if "position_ids" in batch and self._segment_attention():
             real, input_ids, labels, inputs = segment_attention.one_row(batch)
             return segment_attention.spread(self._token_logps(input_ids, labels, inputs), real)
@@ -259,20 +262,24 @@ class DeepSpeedStrategy:
 
     def _token_logps(self, input_ids: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         chunk = self.parallel.logits_chunk_tokens if self.parallel.tp == 1 else 0
+        if chunk <= 0 or not logits_are_head_output(self.module):
+            return token_logps(self.engine(input_ids=input_ids, use_cache=False, **inputs).logits, labels)
+        # The decoder alone (HF ``get_decoder()``: the CausalLM minus its head); under ZeRO-3 its modules'
+        # hooks gather their partitions as in a full forward.
+        hidden = self.module.get_decoder()(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+        head = self.module.get_output_embeddings()
+        if self.parallel.zero_stage < 3:
+            # The head's weight read directly, log-softmax and its gradient by hand, chunk by chunk.
+            return fused_token_logps(hidden, head.weight, head.bias, labels, chunk)
+        # ZeRO-3: the head is called as a module, so its hooks gather the partitioned weight per chunk.
         tokens = input_ids.numel()
-        if chunk > 0 and self.parallel.zero_stage == 3 and self.topology.dp > 1:
+        if self.topology.dp > 1:
             # Each head call gathers ZeRO-3 partitions (a collective): all ranks take the same path and
             # make the same number of calls, set by the largest micro-batch (one scalar all-reduce).
             most = torch.tensor(tokens, device=self.topology.device)
             torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX, group=self.topology.dp_group)
             tokens = int(most.item())
-        if chunk <= 0 or tokens <= chunk:
-            return token_logps(self.engine(input_ids=input_ids, use_cache=False, **inputs).logits, labels)
-        # The decoder alone (HF ``get_decoder()``: the CausalLM minus its head); its modules' ZeRO-3 hooks
-        # gather their partitions as in a full forward, and the head's hooks do the same per chunk.
-        hidden = self.module.get_decoder()(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
-        return chunked_token_logps(hidden, self.module.get_output_embeddings(), labels, chunk,
-                                   num_chunks=-(-tokens // chunk))
+        return chunked_token_logps(hidden, head, labels, chunk, num_chunks=-(-tokens // chunk))
 
     def _segment_attention(self) -> bool:
         if not (self.parallel.segment_attention and segment_attention.supported(self.module.config)):
