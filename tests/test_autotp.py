@@ -87,7 +87,7 @@ def worker(out: Path) -> None:
         strategy.setup(model, optim, micro_batch_size=4, grad_accum=1, total_steps=STEPS)
         local = sum(p.numel() for p in strategy.module.parameters())
         opt = torch.optim.AdamW(_param_groups(reference, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
-                                eps=optim.eps)
+                                eps=optim.eps, fused=True)
         sched = LambdaLR(opt, functools.partial(lr_multiplier, total_steps=STEPS, warmup_steps=optim.warmup_steps,
                                                 schedule=optim.schedule, min_lr_ratio=optim.min_lr_ratio))
         got, want = [], []

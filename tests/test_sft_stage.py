@@ -55,7 +55,12 @@ def test_batch_split_invariance(reference, tmp_path, cache_dir, layout, override
 
 @pytest.mark.parametrize("zero", [0, 1, 3])
 def test_zero_stages_match_single_process(reference, tmp_path, cache_dir, zero):
-    run_stagecraft(tmp_path, [*STEPS, f"parallel.zero_stage={zero}", "stage.micro_batch_size=2"], cache_dir, nproc=2)
+    """2 processes x 2 micro-batches a step against 1 process x 1 micro-batch of 8. The LM head runs in
+    chunks of 16 tokens, several per micro-batch (the reference's default chunk holds its whole
+    micro-batch): with ZeRO-3 the chunked head once bypassed DeepSpeed's forward, and the second
+    micro-batch's gradients replaced the first's instead of adding to them."""
+    run_stagecraft(tmp_path, [*STEPS, f"parallel.zero_stage={zero}", "stage.micro_batch_size=2",
+                              "parallel.logits_chunk_tokens=16"], cache_dir, nproc=2)
     assert_series_close(losses(reference), losses(tmp_path))
 
 
