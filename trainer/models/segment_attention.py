@@ -109,15 +109,15 @@ def one_row(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
     is, so the real positions can simply be laid end to end. Segments are found per row: a shared row's
     pair slots restart at 0 in each row, so they are keyed by row before the rows are joined.
     """
+    real = batch["block"] >= 0 if "branch" in batch else batch["seq_id"] >= 0
+    positions = batch["position_ids"][real][None]
     if "branch" in batch:
-        real = batch["block"] >= 0
         rows = torch.arange(real.shape[0], device=real.device)[:, None]
         keys = (batch["block"] + rows * real.shape[1])[real]
         segments = shared_segments(keys[None], batch["branch"][real][None])
     else:
-        real = batch["seq_id"] >= 0
-        segments = packed_segments(batch["position_ids"][real][None])
-    inputs = {"position_ids": batch["position_ids"][real][None], "segments": segments, "attention_mask": NO_MASK}
+        segments = packed_segments(positions)
+    inputs = {"position_ids": positions, "segments": segments, "attention_mask": NO_MASK}
     return real, batch["input_ids"][real][None], batch["labels"][real][None], inputs
 
 
