@@ -104,9 +104,9 @@ def one_row(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
     per-position results back into the [R, L] layout.
 
     Why one row: rows are cut at ``max_length`` and right-padded to the longest, and every padding position
-    goes through every linear layer and the head like a real one (measured on the SFT benchmark's batches:
-    21 % of the positions of first-fit rows of 512). Attention per segment does not care how long a row
-    is, so the real positions can simply be laid end to end. Segments are found per row: a shared row's
+    goes through every linear layer and the head like a real one (17 % of the positions of the SFT
+    benchmark's first-fit rows of 512: benchmarks/micro.py padding). Attention per segment does not care
+    how long a row is, so the real positions can simply be laid end to end. Segments are found per row: a shared row's
     pair slots restart at 0 in each row, so they are keyed by row before the rows are joined.
     """
     real = batch["block"] >= 0 if "branch" in batch else batch["seq_id"] >= 0

@@ -67,7 +67,7 @@ def build_ds_config(parallel: DictConfig, optim: DictConfig, micro_batch_size: i
     if not parallel.offload_optimizer:
         # torch.optim.AdamW: identical maths, and no JIT build of FusedAdam (absent on CPU). fused: one
         # kernel per parameter for the whole update instead of ~8 tensor ops (torch >= 2.4 has it on CPU
-        # and CUDA); on the benchmark's 6.3M parameters 8.8 -> 2.4 ms a step, values equal to ~1 ulp.
+        # and CUDA); on the benchmark's 6.3M parameters 9.5 -> 2.6 ms a step (benchmarks/micro.py adamw), values equal to ~1 ulp.
         optimizer_params["torch_adam"] = True
         optimizer_params["fused"] = True
     config: dict[str, Any] = {

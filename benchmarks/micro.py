@@ -1,0 +1,143 @@
+"""Component timings behind docs/performance.md's choices, on CPU, in this process (2 threads).
+
+    python benchmarks/micro.py [head] [adamw] [sdpa] [padding --assets DIR]
+
+- head: forward + backward of the LM head's log-probs, full logits against the checkpointed chunks
+  (``chunked_token_logps``) and the hand-written chunks (``fused_token_logps``) at chunk sizes 256, 512,
+  1024; vocabularies 4,096 and 32,000 (hidden 256). The default ``logits_chunk_tokens`` comes from it.
+- adamw: one torch AdamW step over the compare_trl model's parameter shapes (6.3M), per-parameter loop
+  against ``foreach`` and ``fused``.
+- sdpa: forward + backward of one causal attention call [1, 8, n, 32], the flash kernel against math.
+- padding: the share of padding positions in first-fit rows of 512 over the SFT benchmark's batches
+  (the records of ``compare_trl.py --out DIR``), the work one padding-free row saves.
+
+Each cell is the median of ``--repeats`` after one warm-up, interleaved over 3 rounds, median of rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def timed(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def rounds(cells: dict, repeats: int) -> dict:
+    """{name: median over 3 interleaved rounds of timed(cell)}."""
+    got: dict = {name: [] for name in cells}
+    for _ in range(3):
+        for name, fn in cells.items():
+            got[name].append(timed(fn, repeats))
+    return {name: round(statistics.median(v), 1) for name, v in got.items()}
+
+
+def head() -> None:
+    from trainer.losses import token_logps
+    from trainer.losses.chunked import chunked_token_logps, fused_token_logps
+
+    for vocab, tokens in ((4096, 1500), (4096, 3200), (32000, 2048), (32000, 4096)):
+        gen = torch.Generator().manual_seed(0)
+        hidden0 = torch.randn(1, tokens, 256, generator=gen)
+        linear = torch.nn.Linear(256, vocab, bias=False)
+        labels = torch.randint(0, vocab, (1, tokens), generator=gen)
+
+        def run(logps_of):
+            def fn():
+                hidden = hidden0.clone().requires_grad_()
+                linear.weight.grad = None
+                logps_of(hidden).sum().backward()
+            return fn
+
+        cells = {"full": run(lambda h: token_logps(linear(h), labels))}
+        for chunk in (256, 512, 1024):
+            cells[f"checkpointed {chunk}"] = run(lambda h, c=chunk: chunked_token_logps(h, linear, labels, c))
+            cells[f"fused {chunk}"] = run(lambda h, c=chunk: fused_token_logps(h, linear.weight, None, labels, c))
+        print(json.dumps({"case": "head fwd+bwd ms", "vocab": vocab, "tokens": tokens,
+                          **rounds(cells, 5 if vocab > 4096 else 9)}), flush=True)
+
+
+def adamw() -> None:
+    shapes = [(4096, 256)] + [(256, 256)] * 16 + [(1024, 256), (1024, 256), (256, 1024)] * 4 + [(256,)] * 9 \
+        + [(4096, 256)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    cells = {}
+    for name, kwargs in (("loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        cells[name] = torch.optim.AdamW(params, lr=1e-5, **kwargs).step
+    print(json.dumps({"case": "AdamW step ms", "parameters": sum(p.numel() for p in params), **rounds(cells, 20)}))
+
+
+def sdpa() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for n in (190, 400, 1000):
+        q, k, v = (torch.randn(1, 8, n, 32, requires_grad=True) for _ in range(3))
+
+        def run(backend):
+            def fn():
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+            return fn
+
+        cells = {"flash": run(SDPBackend.FLASH_ATTENTION), "math": run(SDPBackend.MATH)}
+        print(json.dumps({"case": "causal SDPA fwd+bwd ms", "n": n, **rounds(cells, 10)}), flush=True)
+
+
+def padding(assets: Path) -> None:
+    from trainer.data.chat import tokenize_chat
+    from trainer.data.packing import pack
+    from trainer.data.sampler import GlobalBatchPlan
+    from trainer.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(assets / "model"))
+    records = [json.loads(line) for line in (assets / "sft.jsonl").read_text().splitlines()]
+    lengths = [len(tokenize_chat(tokenizer, r["messages"], 513)["input_ids"]) - 1 for r in records]
+    plan = GlobalBatchPlan(len(records), 8, 8, 1, 0)  # compare_trl's batch 8, seed 0
+    real = positions = 0
+    for step in range(24):
+        batch = [lengths[i] for i in plan.global_batch(step)]
+        bins = pack(batch, 512)
+        real += sum(batch)
+        positions += len(bins) * max(sum(batch[i] for i in b) for b in bins)
+    print(json.dumps({"case": "SFT benchmark batches, first-fit rows of 512", "steps": 24, "real_tokens": real,
+                      "row_positions": positions, "padding_share": round(1 - real / positions, 3)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", default=["head", "adamw", "sdpa"],
+                        choices=["head", "adamw", "sdpa", "padding"])
+    parser.add_argument("--assets", type=Path, help="a compare_trl.py --out directory (for padding)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    for part in args.parts:
+        if part == "padding":
+            if args.assets is None:
+                parser.error("padding needs --assets DIR (run benchmarks/compare_trl.py --out DIR first)")
+            padding(args.assets)
+        else:
+            globals()[part]()
+
+
+if __name__ == "__main__":
+    main()
