@@ -1,6 +1,6 @@
 """Component timings behind docs/performance.md's choices, on CPU, in this process (2 threads).
 
-    python benchmarks/micro.py [head] [adamw] [sdpa] [padding --assets DIR]
+    python benchmarks/micro.py [head] [adamw] [sdpa] [padding --assets DIR] [profile --assets DIR]
 
 - head: forward + backward of the LM head's log-probs, full logits against the checkpointed chunks
   (``chunked_token_logps``) and the hand-written chunks (``fused_token_logps``) at chunk sizes 256, 512,
@@ -10,6 +10,11 @@
 - sdpa: forward + backward of one causal attention call [1, 8, n, 32], the flash kernel against math.
 - padding: the share of padding positions in first-fit rows of 512 over the SFT benchmark's batches
   (the records of ``compare_trl.py --out DIR``), the work one padding-free row saves.
+- profile: where an SFT step's time goes. The model of compare_trl.py (random weights) trains on the SFT
+  benchmark's first batches laid out as the deepspeed strategy lays them (one padding-free row, attention
+  per segment, the fused head); torch.profiler splits forward + backward into matrix multiplications,
+  attention and the rest (elementwise passes, copies, autograd), with the GEMMs' rate in the model against
+  the same GEMM shapes timed alone and against the 1024² matmul probe. The optimizer step is not included.
 
 Each cell is the median of ``--repeats`` after one warm-up, interleaved over 3 rounds, median of rounds.
 """
@@ -123,18 +128,104 @@ def padding(assets: Path) -> None:
                       "row_positions": positions, "padding_share": round(1 - real / positions, 3)}))
 
 
+def profile(assets: Path, steps: int = 6) -> None:
+    from collections import Counter
+
+    from omegaconf import OmegaConf
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from compare_trl import MODEL, SEED, causal_context, matmul_probe
+    from trainer.data.chat import tokenize_chat
+    from trainer.data.sampler import GlobalBatchPlan
+    from trainer.data.tokenizer import load_tokenizer
+    from trainer.losses.chunked import fused_token_logps
+    from trainer.models import build_model, segment_attention
+    from trainer.stages.benchmark import flops_per_token, matmul_parameters
+
+    tokenizer = load_tokenizer(str(assets / "model"))
+    records = [json.loads(line) for line in (assets / "sft.jsonl").read_text().splitlines()]
+    lengths = [len(tokenize_chat(tokenizer, r["messages"], 513)["input_ids"]) - 1 for r in records]
+    model = build_model(OmegaConf.create({"path": None, "arch": "llama", "config": MODEL,
+                                          "attn_implementation": "sdpa"}), len(tokenizer), seed=SEED)
+    segment_attention.register()
+    head = model.get_output_embeddings()
+    plan = GlobalBatchPlan(len(records), 8, 8, 1, SEED)  # compare_trl's batches
+    gen = torch.Generator().manual_seed(SEED)
+    rows = []
+    for step in range(steps):
+        batch = [lengths[i] for i in plan.global_batch(step)]
+        ids = torch.randint(0, len(tokenizer), (1, sum(batch)), generator=gen)
+        positions = torch.cat([torch.arange(n) for n in batch])[None]
+        rows.append((ids, positions, segment_attention.packed_segments(positions), batch))
+
+    def step(row) -> None:
+        ids, positions, segments, _ = row
+        head.forward = lambda hidden: hidden  # as DeepSpeedStrategy._token_logps: the head applied after
+        hidden = model(input_ids=ids, position_ids=positions, segments=segments,
+                       attention_mask=segment_attention.NO_MASK, use_cache=False).logits
+        del head.forward
+        fused_token_logps(hidden, head.weight, head.bias, ids, 512).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    for row in rows:
+        step(row)  # warm-up
+    start = time.perf_counter()
+    for row in rows:
+        step(row)
+    wall = time.perf_counter() - start
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for row in rows:
+            step(row)
+    gemm_ops = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2), "aten::bmm": (0, 1)}
+    seconds, gemm_flop, shapes = Counter(), 0.0, Counter()
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key in gemm_ops:
+            a, b = (event.input_shapes[i] for i in gemm_ops[event.key])
+            batched = a[0] if len(a) == 3 else 1
+            flop = 2 * batched * a[-2] * a[-1] * b[-1]
+            gemm_flop += flop * event.count
+            shapes[(tuple(a), tuple(b))] += event.count
+            kind = "gemm"
+        elif "scaled_dot_product" in event.key or "flash_attention" in event.key:
+            kind = "attention"
+        else:
+            kind = "other"
+        seconds[kind] += event.self_cpu_time_total / 1e6
+    alone = 0.0  # the same GEMMs timed alone, inputs hot in cache
+    for (a, b), count in shapes.items():
+        x, y = torch.randn(*a), torch.randn(*b)
+        alone += timed(lambda: torch.matmul(x, y), 10) / 1e3 * count
+    tokens = sum(sum(row[3]) for row in rows)
+    matmul = matmul_parameters(model)
+    model_flop = flops_per_token(matmul, model.config, causal_context([[n] for row in rows for n in row[3]])) * tokens
+    attention_flop = model_flop - 6 * matmul * tokens  # the GEMMs also recompute the head's logits
+    probe = matmul_probe()
+    total = sum(seconds.values())
+    print(json.dumps({"case": "SFT step forward + backward, one padding-free row", "steps": steps,
+                      "tokens": tokens, "wall_ms_per_step": round(wall / steps * 1e3, 1),
+                      "model_gflops": round(model_flop / wall / 1e9, 1), "probe_gflops": round(probe, 1),
+                      "of_probe": round(model_flop / wall / 1e9 / probe, 3)}))
+    for kind in ("gemm", "attention", "other"):
+        print(json.dumps({"case": "profiled share", "part": kind, "ms_per_step": round(seconds[kind] / steps * 1e3, 1),
+                          "share": round(seconds[kind] / total, 3)}))
+    print(json.dumps({"case": "GEMMs", "in_model_gflops": round(gemm_flop / seconds["gemm"] / 1e9, 1),
+                      "alone_gflops": round(gemm_flop / alone / 1e9, 1), "probe_gflops": round(probe, 1),
+                      "attention_gflops": round(attention_flop / seconds["attention"] / 1e9, 1)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*", default=["head", "adamw", "sdpa"],
-                        choices=["head", "adamw", "sdpa", "padding"])
-    parser.add_argument("--assets", type=Path, help="a compare_trl.py --out directory (for padding)")
+                        choices=["head", "adamw", "sdpa", "padding", "profile"])
+    parser.add_argument("--assets", type=Path, help="a compare_trl.py --out directory (padding, profile)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     for part in args.parts:
-        if part == "padding":
+        if part in ("padding", "profile"):
             if args.assets is None:
-                parser.error("padding needs --assets DIR (run benchmarks/compare_trl.py --out DIR first)")
-            padding(args.assets)
+                parser.error(f"{part} needs --assets DIR (run benchmarks/compare_trl.py --out DIR first)")
+            globals()[part](args.assets)
         else:
             globals()[part]()
 

@@ -385,6 +385,70 @@ def test_fast_paths_through_deepspeed(pairs, tmp_path, nproc):
     assert not bad, bad
 
 
+def allreduce_worker(data: Path, out: Path) -> None:
+    """ZeRO-0 on one rank with DeepSpeed's gradient all-reduce skipped (the default) against the same
+    run with it on: the parameters after 3 steps of 2 micro-batches must be equal bit for bit, including a
+    trainable parameter the forward never reaches (zero gradient: weight decay still moves it)."""
+    from omegaconf import DictConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.data.chat import collate
+    from trainer.losses import sft_loss_from_logps
+    from trainer.parallel.deepspeed import DeepSpeedStrategy
+    from trainer.parallel.topology import Topology
+
+    examples = [p["chosen"] for p in json.loads(data.read_text())][:8]
+    batches = [collate(examples[i:i + 2], 0) for i in range(0, 8, 2)]
+    optim = DictConfig({"lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0,
+                        "warmup_steps": 0, "schedule": "constant", "min_lr_ratio": 1.0})
+    base = {"strategy": "deepspeed", "tp": 1, "pp": 1, "cp": 1, "dp": -1, "virtual_pp": 1, "sequence_parallel": False,
+            "offload_optimizer": False, "activation_checkpointing": False, "device": "cpu", "zero_stage": 0,
+            "backend": "gloo", "timeout_minutes": 5.0, "logits_chunk_tokens": 512, "segment_attention": True}
+    topology = Topology.initialize(DictConfig({**base, "precision": "fp32"}))
+    report = {}
+    for precision in ("fp32", "bf16"):
+        finals = {}
+        for allreduce in (False, True):
+            torch.manual_seed(0)
+            config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+            model.register_parameter("unused", torch.nn.Parameter(torch.ones(4, 4)))
+            strategy = DeepSpeedStrategy(DictConfig({**base, "precision": precision}), topology)
+            strategy.setup(model, optim, micro_batch_size=2, grad_accum=2, total_steps=10)
+            report[f"{precision}/default_skips"] = not strategy.engine.enable_backward_allreduce
+            if allreduce:
+                strategy.engine.enable_backward_allreduce, strategy._zero_missing_grads = True, False
+            for step in range(3):
+                micro = batches[2 * (step % 2):2 * (step % 2) + 2]
+                strategy.train_step(micro, lambda logps, b: sft_loss_from_logps(logps, b["loss_mask"], "token") / 2)
+            finals[allreduce] = [p.detach().float().clone() for p in strategy.module.parameters()]
+            report[f"{precision}/unused_moved"] = not bool((strategy.module.unused == 1).all())
+            del strategy
+        report[f"{precision}/equal"] = all(torch.equal(a, b) for a, b in zip(finals[False], finals[True]))
+    out.write_text(json.dumps(report))
+    topology.destroy()
+
+
+@pytest.mark.distributed
+def test_one_rank_zero0_skips_the_allreduce_and_trains_the_same(pairs, tmp_path):
+    from tests.conftest import free_port
+
+    data, out = tmp_path / "pairs.json", tmp_path / "report.json"
+    data.write_text(json.dumps([{"chosen": p["chosen"]} for p in pairs]))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                           f"--master_port={free_port()}", __file__, "allreduce", str(data), str(out)], cwd=ROOT,
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    report = json.loads(out.read_text())
+    assert report == {f"{p}/{k}": True for p in ("fp32", "bf16") for k in ("default_skips", "unused_moved", "equal")}
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "allreduce":
+        allreduce_worker(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        worker(Path(sys.argv[1]), Path(sys.argv[2]))
