@@ -178,7 +178,7 @@ def profile(assets: Path, steps: int = 6) -> None:
         for row in rows:
             step(row)
     gemm_ops = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2), "aten::bmm": (0, 1)}
-    seconds, gemm_flop, shapes = Counter(), 0.0, Counter()
+    seconds, others, gemm_flop, shapes = Counter(), Counter(), 0.0, Counter()
     for event in prof.key_averages(group_by_input_shape=True):
         if event.key in gemm_ops:
             a, b = (event.input_shapes[i] for i in gemm_ops[event.key])
@@ -191,6 +191,7 @@ def profile(assets: Path, steps: int = 6) -> None:
             kind = "attention"
         else:
             kind = "other"
+            others[event.key] += event.self_cpu_time_total / 1e6
         seconds[kind] += event.self_cpu_time_total / 1e6
     alone = 0.0  # the same GEMMs timed alone, inputs hot in cache
     for (a, b), count in shapes.items():
@@ -209,6 +210,7 @@ def profile(assets: Path, steps: int = 6) -> None:
     for kind in ("gemm", "attention", "other"):
         print(json.dumps({"case": "profiled share", "part": kind, "ms_per_step": round(seconds[kind] / steps * 1e3, 1),
                           "share": round(seconds[kind] / total, 3)}))
+    print(json.dumps({"case": "other, largest ops", **{k: round(v / steps * 1e3, 1) for k, v in others.most_common(8)}}))
     print(json.dumps({"case": "GEMMs", "in_model_gflops": round(gemm_flop / seconds["gemm"] / 1e9, 1),
                       "alone_gflops": round(gemm_flop / alone / 1e9, 1), "probe_gflops": round(probe, 1),
                       "attention_gflops": round(attention_flop / seconds["attention"] / 1e9, 1)}))
