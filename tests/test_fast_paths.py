@@ -245,6 +245,41 @@ def test_one_row_drops_padding_and_spread_restores_the_layout():
             torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_reward_scores_in_one_row_equal_the_padded_rows(arch):
+    """A reward model's attribute scores and every gradient (through a masked MSE) are the same from
+    right-padded rows and from one padding-free row with attention per sequence, for rows of 1 to 23
+    tokens; left-padded rows are refused."""
+    from trainer.data.preference import collate_reward
+    from trainer.losses import reward_regression_loss
+    from trainer.models import segment_attention
+    from trainer.models.reward import RewardModel, reward_inputs
+
+    model = RewardModel(_model(arch, "sdpa"), ["a", "b", "c"], [1.0, 0.5, 0.0])
+    gen = torch.Generator().manual_seed(3)
+    examples = [{"input_ids": torch.randint(1, VOCAB, (n,), generator=gen).tolist(),
+                 "targets": torch.rand(3, generator=gen).tolist(), "target_mask": [1.0, 1.0, float(n % 2)]}
+                for n in (23, 1, 9, 17, 4)]
+    batch = collate_reward(examples, 0)
+
+    def run(one_row):
+        model.zero_grad()
+        scores = model(**reward_inputs(batch, one_row))
+        reward_regression_loss(scores, batch["targets"], batch["target_mask"]).backward()
+        return scores.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    (want, want_grads), (got, got_grads) = run(False), run(True)
+    assert batch["attention_mask"].numel() == 5 * 23 and got.shape == want.shape == (5, 3)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys() and len(want_grads) > 4
+    for k in want_grads:
+        torch.testing.assert_close(got_grads[k], want_grads[k], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.scores(batch).detach(), want, rtol=0, atol=1e-5)
+    left = {**batch, "attention_mask": batch["attention_mask"].flip(1)}
+    with pytest.raises(ValueError, match="right-padded"):
+        segment_attention.last_token_row(left)
+
+
 def test_segment_attention_is_only_for_full_causal_attention():
     from transformers import AutoConfig
 

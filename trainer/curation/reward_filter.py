@@ -94,8 +94,7 @@ def score_conversations(model, tokenizer, convs: list[list[dict]], max_length: i
         for b in range(0, len(fits), batch_size):
             indices = fits[b:b + batch_size]
             batch = collate_reward([examples[i] for i in indices], tokenizer.pad_token_id)
-            scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                           batch["last_index"].to(device))
+            scores = model.scores({k: v.to(device) for k, v in batch.items()})
             for i, value in zip(indices, model.reward(scores).double().cpu().tolist()):
                 rewards[i] = value
     return rewards

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from trainer.config.paths import REWARD_CONFIG_FILE
 from trainer.losses.reward import combine_attributes
+from trainer.models import segment_attention
 from trainer.models.hf import build_model
 
 HEAD_FILE = "reward_head.safetensors"
@@ -70,12 +71,24 @@ class RewardModel(torch.nn.Module):
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state
-        # Right-padded rows: the score is read at each row's last real token.
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index.to(hidden.device)]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor,
+                **decoder_inputs) -> torch.Tensor:
+        """Scores read at ``last_index``: each right-padded row's last real token, or, with the
+        ``decoder_inputs`` of :func:`trainer.models.segment_attention.last_token_row` (position ids and
+        segments), each sequence's last position in that one padding-free row."""
+        hidden = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                          **decoder_inputs).last_hidden_state
+        last_index = last_index.to(hidden.device)
+        if "segments" in decoder_inputs:
+            last = hidden[0, last_index]
+        else:
+            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
         return self.head(last.to(self.head.weight.dtype))
+
+    def scores(self, batch: dict[str, torch.Tensor], one_row: bool = True) -> torch.Tensor:
+        """[B, A] scores of a ``collate_reward`` batch, through one padding-free row with attention per
+        sequence where the backbone allows it (:func:`reward_inputs`), else the padded rows."""
+        return self(**reward_inputs(batch, one_row and segment_attention.supported(self.config)))
 
     def reward(self, scores: torch.Tensor) -> torch.Tensor:
         """[B, A] attribute scores -> [B] scalar rewards with the stored attribute weights."""
@@ -105,6 +118,17 @@ class RewardModel(torch.nn.Module):
         (directory / CONFIG_FILE).write_text(json.dumps(
             {"format_version": FORMAT_VERSION, "attributes": self.attributes,
              "attribute_weights": self.attribute_weights}, indent=2))
+
+
+def reward_inputs(batch: dict[str, torch.Tensor], one_row: bool) -> dict:
+    """The keyword arguments of :meth:`RewardModel.forward` for a ``collate_reward`` batch. ``one_row``:
+    the rows' real tokens end to end, each sequence attending to itself (segment attention), so no
+    padding position goes through the backbone (the caller checks ``segment_attention.supported``)."""
+    if not one_row:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "last_index")}
+    segment_attention.register()
+    input_ids, last_index, inputs = segment_attention.last_token_row(batch)
+    return {"input_ids": input_ids, "last_index": last_index, **inputs}
 
 
 def read_reward_config(path: str | Path) -> dict | None:

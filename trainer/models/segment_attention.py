@@ -121,6 +121,23 @@ def one_row(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
     return real, batch["input_ids"][real][None], batch["labels"][real][None], inputs
 
 
+def last_token_row(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Right-padded rows (``collate_reward``: ``attention_mask``, ``last_index``) as ONE padding-free row,
+    for a model that reads one position per sequence (a reward model's last token).
+
+    Returns the row's ``input_ids`` [1, N], each sequence's last position in it [B] and the decoder's
+    other inputs (position ids restarting at 0 per sequence, :func:`packed_segments`, :data:`NO_MASK`).
+    Each sequence keeps its positions and attends only to itself, as in its padded row."""
+    real = batch["attention_mask"].bool()
+    lengths = real.sum(1)
+    steps = torch.arange(real.shape[1], device=real.device)
+    if not torch.equal(real, steps < lengths[:, None]) or not torch.equal(batch["last_index"], lengths - 1):
+        raise ValueError("last_token_row: rows must be right-padded with last_index at each row's last real token")
+    positions = steps.expand_as(real)[real][None]
+    inputs = {"position_ids": positions, "segments": packed_segments(positions), "attention_mask": NO_MASK}
+    return batch["input_ids"][real][None], lengths.cumsum(0) - 1, inputs
+
+
 def spread(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """[1, N] values of :func:`one_row`'s row back in the [R, L] layout, zeros on padding; differentiable."""
     return values.new_zeros(real.shape).masked_scatter(real, values[0])

@@ -37,6 +37,7 @@ from trainer.losses import token_logps
 from trainer.losses.chunked import chunked_token_logps, fused_token_logps
 from trainer.models import segment_attention
 from trainer.models.hf import logits_are_head_output
+from trainer.models.reward import reward_inputs
 from trainer.parallel.schedule import lr_multiplier
 from trainer.parallel.strategy import LossFn, poison_nonfinite
 from trainer.parallel.topology import Topology
@@ -340,8 +341,7 @@ class DeepSpeedStrategy:
         """What the stage's loss consumes: per-token log-probs [B, T] for a CausalLM; for a model
         that declares ``is_reward_model`` (trainer.models.reward), its attribute scores [B, A]."""
         if getattr(self.module, "is_reward_model", False):
-            return self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               last_index=batch["last_index"])
+            return self.engine(**reward_inputs(batch, self._segment_attention()))
         return self.token_logps(batch)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,

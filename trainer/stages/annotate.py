@@ -83,8 +83,9 @@ def reward_example(tokenizer, prompt: list[dict], response: list[dict], max_leng
 
 @torch.no_grad()
 def score_pairs(model: RewardModel, tokenizer, records: list[dict], max_length: int,
-                device: torch.device) -> list[tuple[float, float] | None]:
-    """(chosen reward, rejected reward) of each record; None where a side does not fit ``max_length``."""
+                device: torch.device, one_row: bool = True) -> list[tuple[float, float] | None]:
+    """(chosen reward, rejected reward) of each record; None where a side does not fit ``max_length``.
+    ``one_row``: the sides without padding in one row (:meth:`RewardModel.scores`)."""
     sides, owners = [], []
     for k, record in enumerate(records):
         prompt, chosen, rejected = preference_messages(record)
@@ -95,7 +96,7 @@ def score_pairs(model: RewardModel, tokenizer, records: list[dict], max_length: 
     results: list[tuple[float, float] | None] = [None] * len(records)
     if sides:
         batch = common.to_device(collate_reward(sides, tokenizer.pad_token_id), device)
-        rewards = model.reward(model(batch["input_ids"], batch["attention_mask"], batch["last_index"]))
+        rewards = model.reward(model.scores(batch, one_row))
         rewards = rewards.double().cpu().tolist()
         for j, k in enumerate(owners):
             results[k] = (rewards[2 * j], rewards[2 * j + 1])
@@ -172,7 +173,7 @@ def run(cfg: DictConfig, topology: Topology) -> dict:
         for b in range(0, len(todo), size):
             indices = todo[b:b + size]
             results = score_pairs(model, tokenizer, [records[i] for i in indices], cfg.data.max_length,
-                                  topology.device)
+                                  topology.device, cfg.parallel.segment_attention)
             for index, result in zip(indices, results):
                 chosen, rejected = result if result is not None else (None, None)
                 part.write(json.dumps({"index": index, "chosen_reward": chosen, "rejected_reward": rejected}) + "\n")
