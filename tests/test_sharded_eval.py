@@ -10,6 +10,7 @@ against the unsharded sums.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from types import SimpleNamespace
 
@@ -69,7 +70,12 @@ def _worker(rank: int, port: int, queue) -> None:
                                world_size=2)
     chat, pairs, rewards = _examples()
     strategy = CollectiveStrategy()
-    found = {"sft": sft.evaluate(strategy, chat, 0, 4, topology),
+    from trainer.data.chat import collate
+    from trainer.data.packing import pack_examples
+
+    found = {"sft": sft.evaluate(strategy, chat, functools.partial(collate, pad_id=0), 4, topology),
+             "sft_packed": sft.evaluate(strategy, chat, functools.partial(pack_examples, max_length=16, pad_id=0), 4,
+                                        topology),
              "reward": reward.evaluate(strategy, rewards, 0, 4, topology, ["a", "b"]),
              "reference": reference.pair_logps_table(strategy, pairs, 0, 4, topology)[0].tolist()}
     queue.put((rank, strategy.forwards, found))
@@ -88,7 +94,7 @@ def test_every_sharded_pass_makes_equal_forwards_and_exact_sums():
         p.join(timeout=60)
         assert p.exitcode == 0
     # 2 forwards per pass on each rank (ceil(ceil(9 / 2) / 4)), the short rank's second a discarded stand-in.
-    assert results[0][0] == results[1][0] == 6
+    assert results[0][0] == results[1][0] == 8  # 4 passes: sft padded and packed, reward, reference
     assert results[0][1] == results[1][1]  # every rank holds the full, reduced numbers
 
     # The same numbers unsharded, in one process.
@@ -103,6 +109,7 @@ def test_every_sharded_pass_makes_equal_forwards_and_exact_sums():
     assert found["sft"]["eval_tokens"] == int(tokens)
     assert found["sft"]["eval_loss"] == pytest.approx((batch["labels"].double() / 100 * batch["loss_mask"]).sum().item()
                                                       / tokens.item(), rel=1e-12)
+    assert found["sft_packed"] == pytest.approx(found["sft"], rel=1e-12)  # the layout changes nothing
     scores = collate_reward(rewards, 0)["last_index"].double() / 10
     expected_mse = ((scores[:, None] - torch.tensor([1.0, 2.0], dtype=torch.float64)) ** 2).mean().item()
     assert found["reward"]["eval_mse"] == pytest.approx(expected_mse, rel=1e-12)

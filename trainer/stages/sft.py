@@ -9,6 +9,7 @@ batch was split across ranks and micro-batches.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import logging
 
 import torch
@@ -43,15 +44,16 @@ def micro_batch_loss(logps: torch.Tensor, batch: dict, reduction: str, global_to
 
 
 @torch.no_grad()
-def evaluate(strategy, examples: list[dict], pad_id: int, micro_batch_size: int, topology: Topology) -> dict:
-    """Token-mean NLL over the eval set, sharded across data-parallel ranks and summed exactly."""
+def evaluate(strategy, examples: list[dict], make_batch: Callable, micro_batch_size: int, topology: Topology) -> dict:
+    """Token-mean NLL over the eval set, sharded across data-parallel ranks and summed exactly; batches in
+    the training layout (``make_batch``: packed or padded rows)."""
     if not examples:
         return {}
     strategy.eval()
     nll = torch.zeros((), dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
     for ids, chunk in common.sharded_batches(examples, micro_batch_size, topology):
-        batch = common.to_device(collate(chunk, pad_id), topology.device)
+        batch = common.to_device(make_batch(chunk), topology.device)
         logps = strategy.token_logps(batch)
         if ids:
             nll -= (logps * batch["loss_mask"]).sum().double().cpu()
@@ -105,7 +107,7 @@ def setup(cfg: DictConfig, topology: Topology, tokenizer) -> Job:
 
     return Job(train=train, train_stats=train_stats, make_batch=make_batch, step=step, final=final,
                make_model=lambda: build_model(cfg.model, len(tokenizer), cfg.run.seed),
-               evaluate=lambda strategy: evaluate(strategy, evals, pad_id, stage.micro_batch_size, topology),
+               evaluate=lambda strategy: evaluate(strategy, evals, make_batch, stage.micro_batch_size, topology),
                on_strategy=add_neftune)
 
 
