@@ -293,24 +293,41 @@ class DeepSpeedStrategy:
         whose logits are its head's output, log-probs come from the decoder's hidden states and the head
         in chunks of that many tokens (trainer.losses.chunked: a hand-written backward with the head's
         weight below ZeRO-3; under ZeRO-3 the head called as a module, under checkpoint, so its hooks
-        gather the weight). AutoTP (tp > 1) keeps full logits, its head is wrapped by DeepSpeed."""
+        gather the weight). AutoTP (tp > 1) keeps full logits, its head is wrapped by DeepSpeed.
+
+        The chunked head runs only at the positions a loss reads (``loss_mask`` != 0): prompt, user-turn
+        and padding positions get log-prob 0 without their [V] logits (the Strategy contract). A
+        micro-batch with no such position keeps them all, so every rank still makes the head's calls
+        and gradients."""
+        scored = batch["loss_mask"] != 0 if "loss_mask" in batch else None
         if "position_ids" in batch and self._segment_attention():
             real, input_ids, labels, inputs = segment_attention.one_row(batch)
-            return segment_attention.spread(self._token_logps(input_ids, labels, inputs), real)
-        return self._token_logps(batch["input_ids"], batch["labels"], self._attention_inputs(batch))
+            scored = None if scored is None else scored[real][None]
+            return segment_attention.spread(self._token_logps(input_ids, labels, inputs, scored), real)
+        return self._token_logps(batch["input_ids"], batch["labels"], self._attention_inputs(batch), scored)
 
-    def _token_logps(self, input_ids: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+    def _token_logps(self, input_ids: torch.Tensor, labels: torch.Tensor, inputs: dict[str, Any],
+                     scored: torch.Tensor | None) -> torch.Tensor:
         chunk = self.parallel.logits_chunk_tokens if self.parallel.tp == 1 else 0
         if chunk <= 0 or not logits_are_head_output(self.module):
             return token_logps(self.engine(input_ids=input_ids, use_cache=False, **inputs).logits, labels)
         head = self.module.get_output_embeddings()
         with _bypassed(head):
             hidden = self.engine(input_ids=input_ids, use_cache=False, **inputs).logits
+        if scored is not None and bool(scored.any()) and not bool(scored.all()):
+            # The head and its softmax over V at the scored positions only (the gather's backward
+            # scatters their gradients back): on the DPO benchmark's multi-turn pairs 55 % of the
+            # positions are prompt.
+            picked = self._head_logps(hidden[scored][None], labels[scored][None], head, chunk)
+            return picked.new_zeros(labels.shape).masked_scatter(scored, picked[0])
+        return self._head_logps(hidden, labels, head, chunk)
+
+    def _head_logps(self, hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk: int) -> torch.Tensor:
         if self.parallel.zero_stage < 3:
             # The head's weight read directly, log-softmax and its gradient by hand, chunk by chunk.
             return fused_token_logps(hidden, head.weight, head.bias, labels, chunk)
         # ZeRO-3: the head is called as a module, so its hooks gather the partitioned weight per chunk.
-        tokens = input_ids.numel()
+        tokens = labels.numel()
         if self.topology.dp > 1:
             # Each head call gathers ZeRO-3 partitions (a collective): all ranks take the same path and
             # make the same number of calls, set by the largest micro-batch (one scalar all-reduce).

@@ -48,7 +48,8 @@ class Strategy(Protocol):
 
     def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward: log p(labels | context) per position, [B, T] (packed batches: position_ids, no
-        attention_mask)."""
+        attention_mask). Only positions with a non-zero ``loss_mask`` (when the batch has one) are
+        guaranteed: a strategy may skip the LM head elsewhere and return 0 there."""
 
     def outputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward: what loss_fn receives (token log-probs, or a reward model's scores)."""
