@@ -12,7 +12,7 @@
   (the records of ``compare_trl.py --out DIR``), the work one padding-free row saves.
 - profile: where an SFT step's time goes. The model of compare_trl.py (random weights) trains on the SFT
   benchmark's first batches laid out as the deepspeed strategy lays them (one padding-free row, attention
-  per segment, the fused head); torch.profiler splits forward + backward into matrix multiplications,
+  per segment, the fused head at the assistant tokens); torch.profiler splits forward + backward into matrix multiplications,
   attention and the rest (elementwise passes, copies, autograd), with the GEMMs' rate in the model against
   the same GEMM shapes timed alone and against the 1024² matmul probe. The optimizer step is not included.
 
@@ -145,27 +145,29 @@ def profile(assets: Path, steps: int = 6) -> None:
 
     tokenizer = load_tokenizer(str(assets / "model"))
     records = [json.loads(line) for line in (assets / "sft.jsonl").read_text().splitlines()]
-    lengths = [len(tokenize_chat(tokenizer, r["messages"], 513)["input_ids"]) - 1 for r in records]
+    examples = [tokenize_chat(tokenizer, r["messages"], 513) for r in records]
     model = build_model(OmegaConf.create({"path": None, "arch": "llama", "config": MODEL,
                                           "attn_implementation": "sdpa"}), len(tokenizer), seed=SEED)
     segment_attention.register()
     head = model.get_output_embeddings()
     plan = GlobalBatchPlan(len(records), 8, 8, 1, SEED)  # compare_trl's batches
-    gen = torch.Generator().manual_seed(SEED)
     rows = []
     for step in range(steps):
-        batch = [lengths[i] for i in plan.global_batch(step)]
-        ids = torch.randint(0, len(tokenizer), (1, sum(batch)), generator=gen)
-        positions = torch.cat([torch.arange(n) for n in batch])[None]
-        rows.append((ids, positions, segment_attention.packed_segments(positions), batch))
+        batch = [examples[i] for i in plan.global_batch(step)]
+        # inputs tokens[:-1], labels tokens[1:], scored where the label is an assistant token
+        ids, labels, scored = (torch.cat([torch.tensor(x[key][a:b]) for x in batch])[None]
+                               for key, a, b in (("input_ids", 0, -1), ("input_ids", 1, None), ("assistant_mask", 1, None)))
+        positions = torch.cat([torch.arange(len(x["input_ids"]) - 1) for x in batch])[None]
+        rows.append((ids, labels, scored.bool(), positions, segment_attention.packed_segments(positions),
+                     [len(x["input_ids"]) - 1 for x in batch]))
 
-    def step(row) -> None:
-        ids, positions, segments, _ = row
-        head.forward = lambda hidden: hidden  # as DeepSpeedStrategy._token_logps: the head applied after
+    def step(row) -> None:  # as DeepSpeedStrategy.token_logps: the head after, at the scored positions
+        ids, labels, scored, positions, segments, _ = row
+        head.forward = lambda hidden: hidden
         hidden = model(input_ids=ids, position_ids=positions, segments=segments,
                        attention_mask=segment_attention.NO_MASK, use_cache=False).logits
         del head.forward
-        fused_token_logps(hidden, head.weight, head.bias, ids, 512).sum().backward()
+        fused_token_logps(hidden[scored][None], head.weight, head.bias, labels[scored][None], 512).sum().backward()
         model.zero_grad(set_to_none=True)
 
     for row in rows:
@@ -197,9 +199,9 @@ def profile(assets: Path, steps: int = 6) -> None:
     for (a, b), count in shapes.items():
         x, y = torch.randn(*a), torch.randn(*b)
         alone += timed(lambda: torch.matmul(x, y), 10) / 1e3 * count
-    tokens = sum(sum(row[3]) for row in rows)
+    tokens = sum(sum(row[-1]) for row in rows)
     matmul = matmul_parameters(model)
-    model_flop = flops_per_token(matmul, model.config, causal_context([[n] for row in rows for n in row[3]])) * tokens
+    model_flop = flops_per_token(matmul, model.config, causal_context([[n] for row in rows for n in row[-1]])) * tokens
     attention_flop = model_flop - 6 * matmul * tokens  # the GEMMs also recompute the head's logits
     probe = matmul_probe()
     total = sum(seconds.values())
