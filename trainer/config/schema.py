@@ -100,8 +100,9 @@ class ParallelConfig:
     # Chunked LM head (deepspeed strategy): per-token log-probs are computed this many tokens at a
     # time from the final hidden states, only where loss_mask is non-zero, so full-vocabulary logits
     # never exist for a whole micro-batch (trainer/losses/chunked.py; 512 measured as fast as or faster
-    # than 256 and 1024 at vocabularies of 4k and 32k on CPU, docs/performance.md). 0: full logits. Ignored with parallel.tp > 1 (AutoTP), by
-    # megatron (vocab-parallel logits) and for models that transform the head's output (soft-capping).
+    # than 256 and 1024 at vocabularies of 4k and 32k on CPU, docs/performance.md). 0: full logits.
+    # Ignored with parallel.tp > 1 (AutoTP), by megatron (vocab-parallel logits) and for models that
+    # transform the head's output (soft-capping).
     logits_chunk_tokens: int = 512
     # Packed and prompt-shared rows (deepspeed strategy, sdpa attention): one causal attention call per
     # sequence or pair part instead of one call with a [rows, 1, L, L] mask, which scores every key of a
