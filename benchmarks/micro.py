@@ -141,6 +141,7 @@ def profile(assets: Path, steps: int = 6) -> None:
     from trainer.data.tokenizer import load_tokenizer
     from trainer.losses.chunked import fused_token_logps
     from trainer.models import build_model, segment_attention
+    from trainer.parallel.deepspeed import _bypassed
     from trainer.stages.benchmark import flops_per_token, matmul_parameters
 
     tokenizer = load_tokenizer(str(assets / "model"))
@@ -163,10 +164,9 @@ def profile(assets: Path, steps: int = 6) -> None:
 
     def step(row) -> None:  # as DeepSpeedStrategy.token_logps: the head after, at the scored positions
         ids, labels, scored, positions, segments, _ = row
-        head.forward = lambda hidden: hidden
-        hidden = model(input_ids=ids, position_ids=positions, segments=segments,
-                       attention_mask=segment_attention.NO_MASK, use_cache=False).logits
-        del head.forward
+        with _bypassed(head):
+            hidden = model(input_ids=ids, position_ids=positions, segments=segments,
+                           attention_mask=segment_attention.NO_MASK, use_cache=False).logits
         fused_token_logps(hidden[scored][None], head.weight, head.bias, labels[scored][None], 512).sum().backward()
         model.zero_grad(set_to_none=True)
 

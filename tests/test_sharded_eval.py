@@ -32,6 +32,7 @@ class CollectiveStrategy:
 
     def __init__(self):
         self.forwards = 0
+        self.packed = []  # per token_logps call: did the batch come packed (position_ids)?
 
     def eval(self):
         pass
@@ -45,6 +46,7 @@ class CollectiveStrategy:
 
     def token_logps(self, batch):
         self._collective()
+        self.packed.append("position_ids" in batch)
         return -batch["labels"].double() / 100  # a fixed function of the tokens
 
     def outputs(self, batch):
@@ -78,6 +80,7 @@ def _worker(rank: int, port: int, queue) -> None:
                                         topology),
              "reward": reward.evaluate(strategy, rewards, 0, 4, topology, ["a", "b"]),
              "reference": reference.pair_logps_table(strategy, pairs, 0, 4, topology)[0].tolist()}
+    found["packed"] = strategy.packed
     queue.put((rank, strategy.forwards, found))
     dist.destroy_process_group()
 
@@ -109,7 +112,9 @@ def test_every_sharded_pass_makes_equal_forwards_and_exact_sums():
     assert found["sft"]["eval_tokens"] == int(tokens)
     assert found["sft"]["eval_loss"] == pytest.approx((batch["labels"].double() / 100 * batch["loss_mask"]).sum().item()
                                                       / tokens.item(), rel=1e-12)
-    assert found["sft_packed"] == pytest.approx(found["sft"], rel=1e-12)  # the layout changes nothing
+    # the packed evaluation did run on packed rows (sft, sft_packed, reference: 2 forwards each), with the same loss
+    assert found["packed"] == [False, False, True, True, False, False]
+    assert found["sft_packed"] == pytest.approx(found["sft"], rel=1e-12)
     scores = collate_reward(rewards, 0)["last_index"].double() / 10
     expected_mse = ((scores[:, None] - torch.tensor([1.0, 2.0], dtype=torch.float64)) ** 2).mean().item()
     assert found["reward"]["eval_mse"] == pytest.approx(expected_mse, rel=1e-12)

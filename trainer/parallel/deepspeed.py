@@ -314,7 +314,8 @@ class DeepSpeedStrategy:
         head = self.module.get_output_embeddings()
         with _bypassed(head):
             hidden = self.engine(input_ids=input_ids, use_cache=False, **inputs).logits
-        if scored is not None and bool(scored.any()) and not bool(scored.all()):
+        kept = -1 if scored is None else int(scored.sum())  # one device sync
+        if 0 < kept < scored.numel():
             # The head and its softmax over V at the scored positions only (the gather's backward
             # scatters their gradients back): on the DPO benchmark's multi-turn pairs 55 % of the
             # positions are prompt.
